@@ -1,0 +1,203 @@
+"""Entry point: `python -m job` (or `qlora-job`) runs one fine-tuning run, top to bottom:
+
+  settings -> already published? -> fetch dataset -> validate -> load base model + LoRA
+  -> train -> save adapter -> reload in a fresh model + generate (gate) -> publish, manifest last
+
+This is the only place where exceptions become exit codes (job/errors.py)."""
+
+import argparse
+import datetime
+import json
+import os
+import secrets
+import sys
+import time
+from pathlib import Path
+
+from job import storage
+from job.errors import EXIT_CODES, ExitCode, JobError
+from job.logs import bind, configure_logging, get_logger
+from job.settings import Settings, env_docs, load_settings, redacted
+
+log = get_logger("job")
+
+
+def new_run_id() -> str:
+    return datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
+
+
+def run(settings: Settings) -> ExitCode:
+    """One fine-tuning run; each stage is one call."""
+    from job import data, engine, publish, train, verify
+
+    run_id = settings.run_id or new_run_id()
+    run_uri = storage.join(settings.output_uri, run_id)
+    bind(run_id=run_id, stage="start")
+    log.info("run starting", output=run_uri, dataset=settings.dataset_uri, model=settings.model.name)
+    if (existing := publish.find_manifest(run_uri)) is not None:
+        log.info("run already published; nothing to do", published_at=existing.get("published_at"))
+        return ExitCode.OK
+
+    work = settings.work_dir / run_id
+    out = work / "publish"  # exactly what gets uploaded
+    out.mkdir(parents=True, exist_ok=True)
+    timings = {}
+
+    bind(stage="fetch")
+    started = time.perf_counter()
+    dataset_path = storage.fetch_file(settings.dataset_uri, work / "input" / "dataset.jsonl")
+    timings["fetch_s"] = time.perf_counter() - started
+
+    bind(stage="validate")
+    report = data.validate_dataset(
+        dataset_path, work, max_line_bytes=settings.data.max_line_bytes, system_prompt=settings.data.system_prompt
+    )
+    log.info("dataset validated", **{k: v for k, v in report.summary().items() if k != "first_rejects"})
+    for reject in report.first_rejects[:5]:
+        log.warning("rejected row", **reject)
+    data.check_report(report, settings.data.max_reject_ratio)
+
+    bind(stage="load")
+    started = time.perf_counter()
+    chosen = engine.resolve_engine(settings.engine)
+    base_source = engine.fetch_base_model(settings)
+    model, tokenizer = engine.load_for_training(settings, chosen, base_source)
+    timings["load_s"] = time.perf_counter() - started
+    log.info("model loaded", engine=chosen, source=base_source, seconds=round(timings["load_s"], 2))
+
+    bind(stage="train")
+    dataset, too_long, truncated = train.load_train_dataset(report.train_path, report.rejects_path, tokenizer, settings)
+    report.accepted -= too_long
+    report.rejected += too_long
+    data.check_report(report, settings.data.max_reject_ratio)
+    metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings)
+    log.info("training finished", steps=metrics["steps"], loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
+    del model, tokenizer, dataset
+    engine.free_memory()
+
+    bind(stage="verify")
+    started = time.perf_counter()
+    model, tokenizer = engine.load_for_inference(settings, chosen, base_source, out / "adapter")
+    probes = verify.build_probes(settings, report.train_path)
+    try:
+        verify.verify_adapter(model, tokenizer, probes, work / "verify.json", settings)
+    finally:
+        timings["verify_s"] = time.perf_counter() - started
+    (work / "verify.json").replace(out / "verify.json")
+    del model, tokenizer
+    engine.free_memory()
+
+    bind(stage="publish")
+    report.rejects_path.replace(out / "rejects.jsonl")
+    metrics.update(engine=chosen, overlength_truncated=truncated, data=report.summary(),
+                   timings={k: round(v, 3) for k, v in timings.items()})
+    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
+    manifest = {
+        "run_id": run_id,
+        "dataset": {"uri": settings.dataset_uri, "sha256": report.sha256, "rows_accepted": report.accepted,
+                    "rows_rejected": report.rejected},
+        "base_model": {"name": settings.model.name, "revision": settings.model.revision,
+                       "fingerprint": publish.model_fingerprint(base_source)},
+        "engine": chosen,
+        "settings": redacted(settings),
+        "loss": {"first": metrics["loss_first"], "last": metrics["loss_last"]},
+    }
+    if not publish.publish_run(out, run_uri, manifest):
+        log.warning("another pod published this run_id first; its manifest stands and ours was not written")
+        return ExitCode.OK
+    log.info("run published", manifest=storage.join(run_uri, publish.MANIFEST))
+    return ExitCode.OK
+
+
+def validate_data_command(uri: str, max_reject_ratio: float, work_dir: Path) -> ExitCode:
+    """Fetch and validate a dataset only; print the report."""
+    from job import data
+
+    path = storage.fetch_file(uri, work_dir / "validate" / "dataset.jsonl") if storage.is_s3(uri) else storage.local_path(uri)
+    report = data.validate_dataset(path, work_dir / "validate")
+    print(json.dumps(report.summary(), ensure_ascii=False, indent=2))
+    data.check_report(report, max_reject_ratio)
+    return ExitCode.OK
+
+
+def config_command(env_docs_only: bool, as_markdown: bool) -> ExitCode:
+    if not env_docs_only:
+        print(json.dumps(redacted(load_settings()), indent=2))
+        return ExitCode.OK
+    rows = env_docs()
+    if as_markdown:
+        print("| variable | type | default | description |\n| --- | --- | --- | --- |")
+        for row in rows:
+            print(f"| `{row['name']}` | {row['type']} | `{row['default']}` | {row['description']} |".replace("``", "") )
+    else:
+        print(json.dumps(rows, indent=2))
+    return ExitCode.OK
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="qlora-job", description="QLoRA fine-tuning job; settings come from QLORA_* variables.")
+    commands = parser.add_subparsers(dest="command")
+    commands.add_parser("run", help="run one fine-tuning job (the default)")
+    config = commands.add_parser("config", help="print the resolved settings (secrets redacted)")
+    config.add_argument("--env-docs", action="store_true", help="list every variable with type, default and description")
+    config.add_argument("--markdown", action="store_true", help="with --env-docs: a Markdown table")
+    validate = commands.add_parser("validate-data", help="validate a JSONL dataset and print a report")
+    validate.add_argument("uri")
+    validate.add_argument("--max-reject-ratio", type=float, default=0.0)
+    tiny = commands.add_parser("make-tiny-model", help="build a tiny random Qwen3 model + tokenizer for tests")
+    tiny.add_argument("dir", type=Path)
+    commands.add_parser("exit-codes", help="print the exit-code table as JSON")
+    return parser.parse_args(argv)
+
+
+def write_termination_log(path: Path, message: str) -> None:
+    """One line for `kubectl describe pod`; skipped silently where it cannot be written (laptops)."""
+    try:
+        with open(path, "w", encoding="utf-8") as f:
+            f.write(message.replace("\n", " ")[:4000] + "\n")
+    except OSError:
+        pass
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+    configure_logging(os.environ.get("QLORA_LOG_FORMAT", "auto"), "info")
+    termination_log = Path(os.environ.get("QLORA_TERMINATION_LOG", "/dev/termination-log"))
+    try:
+        if args.command == "config":
+            return config_command(args.env_docs, args.markdown)
+        if args.command == "exit-codes":
+            print(json.dumps({int(c): {"name": c.name, "retry": r, "meaning": m} for c, (r, m) in EXIT_CODES.items()}, indent=2))
+            return ExitCode.OK
+        if args.command == "make-tiny-model":
+            from job.tiny import make_tiny_model
+
+            print(make_tiny_model(args.dir))
+            return ExitCode.OK
+        if args.command == "validate-data":
+            return validate_data_command(args.uri, args.max_reject_ratio, Path(os.environ.get("QLORA_WORK_DIR", "/tmp/qlora-job")))
+        settings = load_settings()
+        configure_logging(settings.log_format, settings.log_level)
+        termination_log = settings.termination_log
+        return run(settings)
+    except JobError as error:
+        code, message = error.exit_code, str(error)
+    except KeyboardInterrupt:
+        code, message = ExitCode.TERMINATED, "interrupted"
+    except Exception as error:  # the one broad catch: anything unexpected is exit 1, with its traceback logged
+        log.exception("internal error")
+        code, message = ExitCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
+    message = message.splitlines()[0] if message else code.name.lower()
+    if args.command in (None, "run"):  # tool commands keep stdout for their own output
+        log.error("run failed", exit_code=int(code), error=message)
+    print(f"qlora-job: error: {message}", file=sys.stderr)
+    write_termination_log(termination_log, message)
+    return int(code)
+
+
+def entry() -> None:
+    sys.exit(main())
+
+
+if __name__ == "__main__":
+    entry()

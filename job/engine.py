@@ -1,0 +1,182 @@
+"""Engines: load the base model and attach LoRA, for training or for a fresh reload.
+
+- unsloth: FastLanguageModel, 4-bit NF4 QLoRA (the mission); CUDA only.
+- transformers: transformers + peft (+ bitsandbytes 4-bit on CUDA); runs on CPU.
+`import unsloth` happens only in this module, before trl/transformers/peft are
+imported by anything else, so that Unsloth can patch them."""
+
+import hashlib
+import importlib.util
+import os
+from pathlib import Path
+
+from job import storage
+from job.errors import ConfigError, ModelLoadError
+from job.logs import get_logger
+from job.settings import Settings
+
+log = get_logger(__name__)
+os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no phoning home from a cluster
+
+
+def has_cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def resolve_engine(requested: str) -> str:
+    """auto -> unsloth on a CUDA GPU with unsloth installed, else transformers."""
+    unsloth_installed = importlib.util.find_spec("unsloth") is not None
+    if requested == "auto":
+        # find_spec first: importing torch to ask about CUDA costs seconds we need not spend twice.
+        return "unsloth" if unsloth_installed and has_cuda() else "transformers"
+    if requested == "unsloth":
+        if not unsloth_installed:
+            raise ConfigError("QLORA_ENGINE=unsloth but unsloth is not installed (use the cuda image or the `gpu` extra)")
+        if not has_cuda():
+            raise ConfigError("QLORA_ENGINE=unsloth needs an NVIDIA GPU; none is visible (use QLORA_ENGINE=transformers on CPU)")
+    return requested
+
+
+def fetch_base_model(settings: Settings) -> str:
+    """A local folder or hub id for the base model; s3:// prefixes are downloaded once into the cache."""
+    name = settings.model.name
+    if storage.is_s3(name):
+        target = settings.model.cache_dir / hashlib.sha256(name.encode()).hexdigest()[:16]
+        done = target / ".complete"
+        if not done.exists():
+            log.info("downloading base model", source=name, cache=str(target))
+            storage.fetch_prefix(name, target)
+            done.touch()
+        return str(target)
+    if name.startswith("file://"):
+        return storage.local_path(name).as_posix()
+    return name
+
+
+def _hub_kwargs(settings: Settings) -> dict:
+    kwargs = {"revision": settings.model.revision, "trust_remote_code": False}
+    if settings.hf_token is not None:
+        kwargs["token"] = settings.hf_token.get_secret_value()
+    return kwargs
+
+
+def _set_chat_template(tokenizer, choice: str) -> None:
+    from job.tiny import qwen_chat_template
+
+    if choice in ("qwen3", "qwen2_5"):
+        tokenizer.chat_template = qwen_chat_template(choice)
+    elif choice == "auto" and not tokenizer.chat_template:
+        tokenizer.chat_template = qwen_chat_template("qwen3")
+    elif not tokenizer.chat_template:
+        raise ConfigError("the tokenizer has no chat template; set QLORA_MODEL__CHAT_TEMPLATE=qwen3 or qwen2_5")
+
+
+def _load_errors(source: str, error: Exception) -> ModelLoadError:
+    text = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return ModelLoadError(f"cannot load base model {source!r}: {text[:300]}")
+
+
+def _gradient_checkpointing(settings: Settings, engine: str):
+    choice = settings.lora.gradient_checkpointing
+    if choice == "unsloth":
+        return "unsloth" if engine == "unsloth" else True
+    return choice == "true"
+
+
+def load_for_training(settings: Settings, engine: str, source: str):
+    """Load the base model from source and attach fresh LoRA adapters; returns (model, tokenizer)."""
+    lora = settings.lora
+    if engine == "unsloth":
+        import unsloth  # noqa: F401  (must precede trl/transformers/peft)
+        from unsloth import FastLanguageModel
+
+        try:
+            model, tokenizer = FastLanguageModel.from_pretrained(
+                model_name=source, max_seq_length=settings.model.max_seq_length, dtype=None,
+                load_in_4bit=settings.model.load_in_4bit, **_hub_kwargs(settings),
+            )
+        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            raise _load_errors(source, error) from None
+        model = FastLanguageModel.get_peft_model(
+            model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            bias="none", use_gradient_checkpointing=_gradient_checkpointing(settings, engine),
+            random_state=settings.train.seed, max_seq_length=settings.model.max_seq_length,
+        )
+    else:
+        import torch
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+        model, tokenizer = _load_hf(settings, source)
+        gc = _gradient_checkpointing(settings, engine)
+        if getattr(model, "is_loaded_in_4bit", False):
+            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
+        elif gc:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+            model.enable_input_require_grads()
+        torch.manual_seed(settings.train.seed)
+        model = get_peft_model(model, LoraConfig(
+            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+            bias="none", task_type="CAUSAL_LM",
+        ))
+    _set_chat_template(tokenizer, settings.model.chat_template)
+    return model, tokenizer
+
+
+def _load_hf(settings: Settings, source: str):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+
+    cuda = has_cuda()
+    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
+    kwargs = {"dtype": dtype, "use_safetensors": True, **_hub_kwargs(settings)}
+    if cuda:
+        kwargs["device_map"] = {"": 0}
+        if settings.model.load_in_4bit:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+            )
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(settings))
+        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise _load_errors(source, error) from None
+    return model, tokenizer
+
+
+def load_for_inference(settings: Settings, engine: str, source: str, adapter_dir: Path):
+    """A fresh base model with the saved adapter loaded from disk, as a consumer would; returns (model, tokenizer)."""
+    from peft import PeftModel
+    from transformers import AutoTokenizer
+
+    if engine == "unsloth":
+        from unsloth import FastLanguageModel
+
+        base, _ = FastLanguageModel.from_pretrained(
+            model_name=source, max_seq_length=settings.model.max_seq_length, dtype=None,
+            load_in_4bit=settings.model.load_in_4bit, **_hub_kwargs(settings),
+        )
+    else:
+        base, _ = _load_hf(settings, source)
+    try:
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
+        raise ModelLoadError(f"cannot reload the saved adapter from {adapter_dir}: {str(error).splitlines()[0][:300]}") from None
+    if engine == "unsloth":
+        FastLanguageModel.for_inference(model)
+    model.eval()
+    return model, tokenizer
+
+
+def free_memory() -> None:
+    """Collect dropped models and return cached GPU memory before the next model loads."""
+    import gc
+
+    import torch
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+

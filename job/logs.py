@@ -1,0 +1,58 @@
+"""structlog set-up: JSON lines in pods, a readable console on a TTY, and stdlib
+logging (transformers, datasets, boto3) rendered by the same processors."""
+
+import logging
+import sys
+
+import structlog
+
+# Libraries that are chatty at INFO and say nothing a run's log needs.
+QUIET = ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "fsspec", "httpx", "werkzeug")
+
+
+def configure_logging(log_format: str = "auto", level: str = "info") -> None:
+    """Route structlog and stdlib logging to stdout through one renderer."""
+    as_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+    shared = [
+        structlog.contextvars.merge_contextvars,
+        structlog.stdlib.add_log_level,
+        structlog.stdlib.add_logger_name,
+        structlog.processors.TimeStamper(fmt="iso", utc=True),
+        structlog.stdlib.ExtraAdder(),
+    ]
+    renderer = structlog.processors.JSONRenderer() if as_json else structlog.dev.ConsoleRenderer(colors=sys.stdout.isatty())
+    formatter = structlog.stdlib.ProcessorFormatter(
+        foreign_pre_chain=shared,
+        processors=[
+            structlog.stdlib.ProcessorFormatter.remove_processors_meta,
+            structlog.processors.format_exc_info if as_json else structlog.processors.StackInfoRenderer(),
+            renderer,
+        ],
+    )
+    handler = logging.StreamHandler(sys.stdout)
+    handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(level.upper())
+    for name in QUIET:
+        logging.getLogger(name).setLevel(max(logging.WARNING, root.level))
+    # transformers and datasets install their own handlers; send them to the root instead.
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "unsloth"):
+        library = logging.getLogger(name)
+        library.handlers[:] = []
+        library.propagate = True
+    structlog.configure(
+        processors=[*shared, structlog.stdlib.ProcessorFormatter.wrap_for_formatter],
+        logger_factory=structlog.stdlib.LoggerFactory(),
+        wrapper_class=structlog.stdlib.BoundLogger,
+        cache_logger_on_first_use=False,
+    )
+
+
+def bind(**values) -> None:
+    """Attach values (run_id, stage) to every later event of this run."""
+    structlog.contextvars.bind_contextvars(**values)
+
+
+def get_logger(name: str = "job"):
+    return structlog.stdlib.get_logger(name)

@@ -1,0 +1,64 @@
+"""Publishing: objects first, manifest.json last and only if absent, so a run without a
+manifest is incomplete and two racing pods never both publish."""
+
+import datetime
+import hashlib
+import json
+from importlib import metadata
+from pathlib import Path
+
+from job import storage
+from job.logs import get_logger
+
+log = get_logger(__name__)
+MANIFEST = "manifest.json"
+PACKAGES = ("qlora-job", "torch", "transformers", "trl", "peft", "datasets", "accelerate", "bitsandbytes",
+            "unsloth", "unsloth_zoo", "xformers", "boto3")
+
+
+def find_manifest(run_uri: str) -> dict | None:
+    """The run's manifest if it was published, else None."""
+    data = storage.read_bytes(storage.join(run_uri, MANIFEST))
+    return json.loads(data) if data else None
+
+
+def package_versions() -> dict[str, str]:
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+def model_fingerprint(source: str) -> str | None:
+    """sha256 over a local model folder's file names, sizes and config: cheap, and changes when the weights do."""
+    folder = Path(source)
+    if not folder.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".complete"):
+        digest.update(f"{path.relative_to(folder).as_posix()}:{path.stat().st_size}\n".encode())
+        if path.suffix == ".json":
+            digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+def publish_run(run_dir: Path, run_uri: str, manifest: dict) -> bool:
+    """Upload every file under run_dir, then manifest.json listing them (size, sha256).
+    Returns False when another writer's manifest for this run_id was there first."""
+    objects = []
+    for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
+        key = path.relative_to(run_dir).as_posix()
+        storage.put_file(path, storage.join(run_uri, key))
+        objects.append({"key": key, "size": path.stat().st_size, "sha256": storage.sha256_file(path)})
+        log.info("uploaded", key=key, size=objects[-1]["size"])
+    document = {
+        **manifest,
+        "objects": objects,
+        "packages": package_versions(),
+        "published_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+    }
+    body = json.dumps(document, ensure_ascii=False, indent=2).encode()
+    return storage.put_if_absent(body, storage.join(run_uri, MANIFEST))

@@ -1,0 +1,205 @@
+"""Settings from QLORA_* environment variables (pydantic-settings).
+
+S3 credentials, region and endpoint are deliberately absent: boto3 reads its own
+standard variables (AWS_ACCESS_KEY_ID, AWS_REGION, AWS_ENDPOINT_URL_S3, IRSA's
+AWS_WEB_IDENTITY_TOKEN_FILE, ...). Defaults are the seed tutorial's recipe."""
+
+import difflib
+import json
+import os
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
+
+from job.errors import ConfigError
+
+ENV_PREFIX = "QLORA_"
+DELIMITER = "__"
+SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True)
+
+
+class ModelSettings(Section):
+    name: str = Field("Qwen/Qwen3-0.6B", description="Base model: hub id, local folder, or s3:// prefix of a saved model.")
+    revision: str | None = Field(None, description="Hub revision (branch, tag or commit) of the base model.")
+    load_in_4bit: bool = Field(True, description="Load the base weights in 4-bit NF4 (QLoRA). CUDA only; ignored on CPU.")
+    max_seq_length: int = Field(2048, ge=16, description="Longest training sequence in tokens (prompt + answer).")
+    chat_template: Literal["auto", "qwen3", "qwen2_5", "tokenizer"] = Field(
+        "auto",
+        description="Chat template: qwen3/qwen2_5 take TRL's copy of the original; tokenizer keeps the tokenizer's own; "
+        "auto keeps the tokenizer's own and falls back to qwen3 when it has none.",
+    )
+    cache_dir: Path = Field(Path("/tmp/qlora-job/models"), description="Where s3:// models are downloaded to (once).")
+
+
+class LoraSettings(Section):
+    r: int = Field(16, ge=1, description="LoRA rank.")
+    alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
+    dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0 lets Unsloth use its fast path).")
+    target_modules: list[str] = Field(default_factory=lambda: list(SEVEN_PROJECTIONS), description="Modules that get adapters (JSON list).")
+    gradient_checkpointing: Literal["unsloth", "true", "false"] = Field(
+        "unsloth", description="Gradient checkpointing: unsloth (offloaded, unsloth engine), true, or false."
+    )
+
+
+class TrainSettings(Section):
+    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    per_device_batch_size: int = Field(2, ge=1, description="Rows per micro-batch.")
+    gradient_accumulation_steps: int = Field(4, ge=1, description="Micro-batches per optimizer step (2 x 4 = 8 rows a step).")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
+    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
+    lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
+    optim: str = Field("adamw_8bit", description="Optimizer (adamw_8bit needs bitsandbytes; falls back to adamw_torch without it).")
+    weight_decay: float = Field(0.01, ge=0, description="Weight decay.")
+    seed: int = Field(3407, description="Seed for LoRA init, shuffling and dropout.")
+    packing: bool = Field(False, description="Pack several rows into one sequence (fewer, fuller steps).")
+    logging_steps: int = Field(1, ge=1, description="Log progress every N steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+
+
+class DataSettings(Section):
+    max_reject_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Largest share of rejected rows before the run fails (0 = none allowed).")
+    max_line_bytes: int = Field(1 << 20, ge=1024, description="Longest accepted JSONL line in bytes; longer lines are rejected unread.")
+    overlength: Literal["reject", "truncate"] = Field("reject", description="Rows longer than model.max_seq_length: reject (counted as bad rows) or truncate.")
+    system_prompt: str | None = Field(None, description="System prompt added to rows that have none.")
+
+
+class Probe(Section):
+    prompt: str
+    expected: str | None = None
+
+
+class VerifySettings(Section):
+    prompts: list[Probe] = Field(
+        default_factory=list,
+        description='Extra probes, JSON list of {"prompt": ..., "expected": ...}; expected answers must match exactly.',
+    )
+    train_probes: int = Field(3, ge=0, description="How many training prompts to probe as well.")
+    expect_memorised: bool = Field(False, description="Require the training probes to reproduce their training answers exactly.")
+    max_new_tokens: int = Field(256, ge=1, description="Generation budget per probe; an answer must end before it.")
+    require_change: bool = Field(True, description="Require at least one answer to differ from the base model's.")
+
+
+class Settings(BaseSettings):
+    """Everything one run needs; built once in main() and passed down."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_nested_delimiter=DELIMITER, case_sensitive=False, extra="forbid", validate_default=True
+    )
+
+    dataset_uri: str = Field(description="JSONL dataset: s3://bucket/key, file:// or a local path.")
+    output_uri: str = Field(description="Prefix that receives <run_id>/adapter, metrics, manifest: s3://bucket/prefix or a local folder.")
+    run_id: str | None = Field(None, description="Run identity; defaults to a timestamp and random suffix. Set it to the Job name so retries share it.")
+    engine: Literal["auto", "unsloth", "transformers"] = Field("auto", description="auto: unsloth on a CUDA GPU, else transformers.")
+    work_dir: Path = Field(Path("/tmp/qlora-job"), description="Scratch folder for data, checkpoints and the adapter.")
+    termination_log: Path = Field(Path("/dev/termination-log"), description="Where the one-line failure cause is written.")
+    log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, JSON lines otherwise.")
+    log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
+    hf_token: SecretStr | None = Field(None, description="Hub token for gated base models (secret; never logged).")
+
+    model: ModelSettings = ModelSettings()
+    lora: LoraSettings = LoraSettings()
+    train: TrainSettings = TrainSettings()
+    data: DataSettings = DataSettings()
+    verify: VerifySettings = VerifySettings()
+
+    @field_validator("dataset_uri", "output_uri")
+    @classmethod
+    def _uri(cls, value: str) -> str:
+        from job.storage import check_uri
+
+        return check_uri(value)
+
+    @field_validator("run_id")
+    @classmethod
+    def _run_id(cls, value: str | None) -> str | None:
+        # It becomes an S3 key segment and a label value: keep it to what both allow.
+        if value is not None and (not value or len(value) > 63 or not all(c.isalnum() or c in "-_." for c in value)):
+            raise ValueError("must be 1-63 characters of letters, digits, '-', '_' or '.'")
+        return value
+
+
+def env_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> dict[str, Any]:
+    """Every accepted variable name mapped to its field (nested sections flattened with __)."""
+    names = {}
+    for field_name, field in model.model_fields.items():
+        name = prefix + field_name.upper()
+        if isinstance(field.annotation, type) and issubclass(field.annotation, Section):
+            names.update(env_names(field.annotation, name + DELIMITER))
+        else:
+            names[name] = field
+    return names
+
+
+def _reject_unknown(environ: dict[str, str]) -> None:
+    known = env_names()
+    for key in sorted(environ):
+        upper = key.upper()
+        if not upper.startswith(ENV_PREFIX) or upper in known:
+            continue
+        # A JSON value for a whole section (QLORA_LORA='{"r": 8}') is also valid.
+        if upper[len(ENV_PREFIX):].lower() in Settings.model_fields:
+            continue
+        nearest = difflib.get_close_matches(upper, known, n=1, cutoff=0.6)
+        hint = f"; did you mean {nearest[0]}?" if nearest else "; run `qlora-job config --env-docs` for the list"
+        raise ConfigError(f"unknown setting {key}{hint}")
+
+
+def _describe(error: ValidationError) -> str:
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"]]
+    name = ENV_PREFIX + DELIMITER.join(loc).upper() if loc else ENV_PREFIX + "*"
+    if first["type"] == "missing":
+        return f"{name} is required: {env_names().get(name).description if name in env_names() else ''}".rstrip(": ")
+    message = first["msg"].removeprefix("Value error, ")
+    value = first.get("input")
+    shown = "" if isinstance(value, dict | list) or value is None else f" (got {str(value)[:80]!r})"
+    return f"{name}: {message}{shown}"
+
+
+def load_settings() -> Settings:
+    """Build Settings from the environment; every problem becomes a one-line ConfigError."""
+    _reject_unknown(dict(os.environ))
+    try:
+        return Settings()
+    except ValidationError as error:
+        raise ConfigError(_describe(error)) from None
+    except SettingsError:
+        # pydantic-settings could not JSON-decode a list/object value; find which one.
+        raise ConfigError(_bad_json(dict(os.environ))) from None
+
+
+def _bad_json(environ: dict[str, str]) -> str:
+    known = env_names()
+    for key, value in sorted(environ.items()):
+        field = known.get(key.upper())
+        if field is not None and str(field.annotation).startswith(("list", "dict", "typing.List")):
+            try:
+                json.loads(value)
+            except ValueError:
+                return f"{key.upper()}: must be JSON, e.g. [\"q_proj\", \"v_proj\"] (got {value[:80]!r})"
+    return "a QLORA_* variable holds invalid JSON"
+
+
+def redacted(settings: Settings) -> dict[str, Any]:
+    """Settings as JSON-ready data; SecretStr values are shown as '**********' (set) or null."""
+    return json.loads(settings.model_dump_json())
+
+
+def env_docs() -> list[dict[str, str]]:
+    """One entry per variable: name, type, default, description. The README and chart read this."""
+    rows = []
+    for name, field in env_names().items():
+        default = "(required)" if field.is_required() else field.get_default(call_default_factory=True)
+        if isinstance(default, SecretStr | Path):
+            default = str(default)
+        if isinstance(default, list):
+            default = json.dumps([d.model_dump() if isinstance(d, BaseModel) else d for d in default])
+        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
+        rows.append({"name": name, "type": annotation, "default": "" if default is None else str(default), "description": field.description or ""})
+    return rows

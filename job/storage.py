@@ -1,0 +1,224 @@
+"""Object storage: s3:// through boto3, file:// and plain paths through the filesystem.
+
+Credentials, region and endpoint come from boto3's own variables and credential
+chain (AWS_ENDPOINT_URL_S3, AWS_REGION, IRSA web identity, ...); so do
+AWS_RETRY_MODE and AWS_MAX_ATTEMPTS, which default here to `standard` and 5.
+Every failure becomes a StorageError whose message names the object, never a secret."""
+
+import functools
+import hashlib
+import os
+import re
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from urllib.parse import urlparse
+
+from job.errors import StorageError
+
+BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
+# Client errors that retrying cannot fix: the run is misconfigured.
+PERMANENT_CODES = {
+    "AccessDenied", "AllAccessDisabled", "InvalidAccessKeyId", "SignatureDoesNotMatch", "NoSuchBucket",
+    "NoSuchKey", "404", "403", "400", "InvalidBucketName", "ExpiredToken", "InvalidToken", "AuthorizationHeaderMalformed",
+}
+MiB = 1 << 20
+
+
+def check_uri(uri: str) -> str:
+    """Return the URI if it names an S3 object/prefix or a local path, else raise ValueError."""
+    parsed = urlparse(uri)
+    if parsed.scheme == "s3":
+        if not BUCKET_NAME.match(parsed.netloc):
+            raise ValueError(f"{uri!r} has no valid bucket name (expected s3://bucket/key)")
+        return uri
+    if parsed.scheme == "file":
+        if not parsed.path:
+            raise ValueError(f"{uri!r} has no path")
+        return uri
+    if parsed.scheme and len(parsed.scheme) > 1:  # one letter would be a Windows drive
+        raise ValueError(f"unsupported scheme {parsed.scheme + '://'!r}: use s3://, file:// or a local path")
+    if not uri.strip():
+        raise ValueError("is empty")
+    return uri
+
+
+def is_s3(uri: str) -> bool:
+    return uri.startswith("s3://")
+
+
+def join(uri: str, *parts: str) -> str:
+    """Join path segments onto a URI or path with single slashes."""
+    return "/".join([uri.rstrip("/"), *(p.strip("/") for p in parts)])
+
+
+def _split(uri: str) -> tuple[str, str]:
+    parsed = urlparse(uri)
+    return parsed.netloc, parsed.path.lstrip("/")
+
+
+def local_path(uri: str) -> Path:
+    return Path(urlparse(uri).path) if uri.startswith("file://") else Path(uri)
+
+
+@functools.cache
+def _client(endpoint: str | None, region: str | None, retry_mode: str, max_attempts: int):
+    import boto3
+    from botocore.config import Config
+
+    config = Config(
+        retries={"mode": retry_mode, "total_max_attempts": max_attempts},
+        connect_timeout=3,
+        read_timeout=60,
+        # A custom endpoint (MinIO, SeaweedFS, a proxy) rarely has wildcard DNS for bucket subdomains.
+        s3={"addressing_style": "path" if endpoint else "auto"},
+    )
+    # endpoint and region are part of the cache key only; boto3 reads them from the environment itself.
+    return boto3.session.Session().client("s3", config=config)
+
+
+def client():
+    """The process's S3 client, rebuilt when the endpoint or retry variables change."""
+    return _client(
+        os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL"),
+        os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION"),
+        os.environ.get("AWS_RETRY_MODE", "standard"),
+        int(os.environ.get("AWS_MAX_ATTEMPTS", "5")),
+    )
+
+
+def _transfer_config():
+    from boto3.s3.transfer import TransferConfig
+
+    # 16 MiB parts: 10,000 parts cover 156 GiB, far beyond any adapter or dataset here.
+    return TransferConfig(multipart_threshold=16 * MiB, multipart_chunksize=16 * MiB, max_concurrency=8)
+
+
+@contextmanager
+def _errors(uri: str) -> Iterator[None]:
+    """Turn boto3 and OS errors into a StorageError naming the object."""
+    from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
+
+    try:
+        yield
+    except ClientError as error:
+        info = error.response.get("Error", {})
+        code = str(info.get("Code", "?"))
+        status = error.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+        reason = info.get("Message") or {"404": "not found", "403": "access denied"}.get(code, code)
+        raise StorageError(f"{uri}: {code}: {reason}", permanent=code in PERMANENT_CODES or status in (400, 403, 404)) from None
+    except NoCredentialsError:
+        raise StorageError(f"{uri}: no S3 credentials found (set AWS_* variables or use workload identity)", permanent=True) from None
+    except BotoCoreError as error:
+        # Connection failures arrive here after boto3's retries are spent.
+        raise StorageError(f"{uri}: {type(error).__name__}: {error}") from None
+    except FileNotFoundError:
+        raise StorageError(f"{uri}: not found", permanent=True) from None
+    except PermissionError:
+        raise StorageError(f"{uri}: permission denied", permanent=True) from None
+    except OSError as error:
+        raise StorageError(f"{uri}: {error.strerror or error}") from None
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(MiB), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_file(uri: str, dest: Path) -> Path:
+    """Copy one object to dest (written beside it, then renamed, so dest is never partial)."""
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    partial = dest.with_name(dest.name + ".partial")
+    with _errors(uri):
+        if is_s3(uri):
+            bucket, key = _split(uri)
+            client().download_file(bucket, key, str(partial), Config=_transfer_config())
+        else:
+            shutil.copyfile(local_path(uri), partial)
+        partial.replace(dest)
+    return dest
+
+
+def fetch_prefix(uri: str, dest: Path) -> Path:
+    """Copy every object under a prefix (a model folder) into dest, keeping relative paths."""
+    dest.mkdir(parents=True, exist_ok=True)
+    if not is_s3(uri):
+        with _errors(uri):
+            shutil.copytree(local_path(uri), dest, dirs_exist_ok=True)
+        return dest
+    bucket, prefix = _split(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    found = 0
+    with _errors(uri):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            for item in page.get("Contents", []):
+                relative = item["Key"][len(prefix):]
+                if not relative or relative.endswith("/"):
+                    continue
+                fetch_file(f"s3://{bucket}/{item['Key']}", dest / relative)
+                found += 1
+    if not found:
+        raise StorageError(f"{uri}: no objects under this prefix", permanent=True)
+    return dest
+
+
+def put_file(path: Path, uri: str) -> None:
+    """Upload a file; multipart above 16 MiB, aborted by s3transfer if it fails."""
+    with _errors(uri):
+        if is_s3(uri):
+            bucket, key = _split(uri)
+            client().upload_file(str(path), bucket, key, Config=_transfer_config())
+        else:
+            target = local_path(uri)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            partial = target.with_name(target.name + ".partial")
+            shutil.copyfile(path, partial)
+            partial.replace(target)
+
+
+def put_if_absent(data: bytes, uri: str) -> bool:
+    """Write data only if nothing is at uri yet (S3 If-None-Match: *). False when it already exists."""
+    from botocore.exceptions import ClientError
+
+    with _errors(uri):
+        if is_s3(uri):
+            bucket, key = _split(uri)
+            try:
+                client().put_object(Bucket=bucket, Key=key, Body=data, IfNoneMatch="*")
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                    return False
+                raise
+            return True
+        target = local_path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + f".{os.getpid()}.partial")
+        partial.write_bytes(data)
+        try:
+            os.link(partial, target)  # atomic, and fails if target exists
+        except FileExistsError:
+            return False
+        finally:
+            partial.unlink()
+        return True
+
+
+def read_bytes(uri: str) -> bytes | None:
+    """The object's content, or None when it does not exist."""
+    with _errors(uri):
+        if is_s3(uri):
+            from botocore.exceptions import ClientError
+
+            bucket, key = _split(uri)
+            try:
+                return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+            except ClientError as error:
+                if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                    return None
+                raise
+        path = local_path(uri)
+        return path.read_bytes() if path.exists() else None

@@ -1,0 +1,198 @@
+"""Training: TRL's SFTTrainer on conversational prompt/completion rows, so the
+prompt is masked and the answer plus its end-of-turn token carry the loss."""
+
+import json
+import math
+import sys
+import time
+from pathlib import Path
+
+from job.errors import DataError, NonFiniteLoss, OutOfMemory
+from job.logs import get_logger
+from job.settings import Settings
+
+log = get_logger(__name__)
+IGNORE = -100  # label value that the loss skips
+
+
+def _optimizer(name: str, cuda: bool) -> str:
+    import importlib.util
+
+    if "8bit" in name and not (cuda and importlib.util.find_spec("bitsandbytes")):
+        log.warning("8-bit optimizer needs bitsandbytes on CUDA; using adamw_torch", requested=name)
+        return "adamw_torch"
+    return name
+
+
+def sft_config(settings: Settings, output_dir: Path, cuda: bool):
+    """The seed tutorial's trainer arguments, from settings."""
+    import torch
+    from trl import SFTConfig
+
+    train = settings.train
+    bf16 = cuda and torch.cuda.is_bf16_supported()
+    return SFTConfig(
+        output_dir=str(output_dir),
+        per_device_train_batch_size=train.per_device_batch_size,
+        gradient_accumulation_steps=train.gradient_accumulation_steps,  # 2 x 4 = 8 rows per optimizer step
+        warmup_steps=train.warmup_steps,
+        max_steps=train.max_steps,
+        learning_rate=train.learning_rate,
+        lr_scheduler_type=train.lr_scheduler_type,
+        optim=_optimizer(train.optim, cuda),
+        weight_decay=train.weight_decay,
+        max_grad_norm=train.max_grad_norm,
+        seed=train.seed,
+        data_seed=train.seed,
+        bf16=bf16,
+        fp16=cuda and not bf16,
+        use_cpu=not cuda,
+        logging_steps=train.logging_steps,
+        max_length=settings.model.max_seq_length,
+        truncation_mode="keep_start",
+        packing=train.packing,
+        completion_only_loss=True,
+        include_num_input_tokens_seen="non_padding",
+        save_strategy="no",
+        report_to="none",
+        disable_tqdm=not sys.stdout.isatty(),
+        dataset_num_proc=None,
+    )
+
+
+def drop_overlength(dataset, tokenizer, max_length: int, mode: str, rejects_path: Path) -> tuple[object, int, int]:
+    """Reject (appending to rejects.jsonl) or keep-for-truncation rows longer than max_length tokens.
+    Returns (dataset, rejected, truncated)."""
+
+    def measure(row):
+        ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
+        return {"n_tokens": len(ids)}
+
+    dataset = dataset.map(measure, desc="Measuring rows")
+    long_rows = dataset.filter(lambda row: row["n_tokens"] > max_length)
+    rejected = truncated = 0
+    if len(long_rows) and mode == "reject":
+        with open(rejects_path, "a", encoding="utf-8") as f:
+            for row in long_rows:
+                reason = f"{row['n_tokens']} tokens is longer than QLORA_MODEL__MAX_SEQ_LENGTH={max_length}"
+                f.write(json.dumps({"line": row["line"], "reason": reason}) + "\n")
+        rejected = len(long_rows)
+        dataset = dataset.filter(lambda row: row["n_tokens"] <= max_length)
+    else:
+        truncated = len(long_rows)
+    return dataset, rejected, truncated
+
+
+def check_labels(trainer, eos_token_id: int) -> dict:
+    """First-batch self-check: prompt tokens masked, answer tokens trained, end-of-turn trained."""
+    batch = next(iter(trainer.get_train_dataloader()))
+    labels = batch["labels"]
+    trained = labels[labels != IGNORE]
+    result = {"masked": int((labels == IGNORE).sum()), "trained": int(trained.numel()), "eos_trained": int((trained == eos_token_id).sum())}
+    if result["masked"] == 0:
+        raise DataError("label check failed: no prompt token is masked, the model would learn to echo prompts")
+    if result["trained"] == 0:
+        raise DataError("label check failed: no answer token is trained (is every answer truncated away?)")
+    if result["eos_trained"] == 0:
+        raise DataError("label check failed: the end-of-turn token is never trained, generation would not stop")
+    return result
+
+
+def _progress_callback(state_holder: dict):
+    from transformers import TrainerCallback
+
+    class Progress(TrainerCallback):
+        """Logs step, loss, lr, tokens/s and ETA; stops training on a non-finite loss."""
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            state_holder["start"] = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            logs = logs or {}
+            if "loss" not in logs:
+                return
+            elapsed = time.perf_counter() - state_holder["start"]
+            loss = float(logs["loss"])
+            state_holder["curve"].append({"step": state.global_step, "loss": loss, "lr": logs.get("learning_rate")})
+            grad_norm = logs.get("grad_norm")
+            if not math.isfinite(loss) or (grad_norm is not None and not math.isfinite(float(grad_norm))):
+                state_holder["non_finite"] = (state.global_step, loss, grad_norm)
+                control.should_training_stop = True
+            per_step = elapsed / max(state.global_step, 1)
+            log.info(
+                "progress", step=state.global_step, max_steps=state.max_steps, loss=round(loss, 4),
+                lr=logs.get("learning_rate"), grad_norm=grad_norm,
+                tokens_per_s=round(state.num_input_tokens_seen / elapsed) if elapsed else None,
+                eta_s=round(per_step * (state.max_steps - state.global_step), 1),
+            )
+
+    return Progress()
+
+
+def load_train_dataset(train_path: Path, rejects_path: Path, tokenizer, settings: Settings):
+    """The validated rows as a datasets.Dataset, over-length rows rejected or marked for truncation.
+    Returns (dataset, rejected, truncated)."""
+    from datasets import load_dataset
+
+    cache = train_path.parent / "hf-datasets"
+    dataset = load_dataset("json", data_files=str(train_path), split="train", cache_dir=str(cache))
+    dataset, rejected, truncated = drop_overlength(
+        dataset, tokenizer, settings.model.max_seq_length, settings.data.overlength, rejects_path
+    )
+    return dataset.remove_columns(["line", "n_tokens"]), rejected, truncated
+
+
+def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settings) -> dict:
+    """Fine-tune the LoRA adapters on the dataset, save them to adapter_dir, and return metrics."""
+    import torch
+    from trl import SFTTrainer
+
+    cuda = torch.cuda.is_available()
+    work = adapter_dir.parent
+    holder: dict = {"curve": [], "non_finite": None, "start": time.perf_counter()}
+    trainer = SFTTrainer(
+        model=model, processing_class=tokenizer, train_dataset=dataset,
+        args=sft_config(settings, work / "checkpoints", cuda), callbacks=[_progress_callback(holder)],
+    )
+    # Our Progress callback logs through structlog; the Trainer's own printer would duplicate it as dicts.
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+    labels = check_labels(trainer, tokenizer.eos_token_id)
+    log.info("label check passed", **labels)
+
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    started = time.perf_counter()
+    try:
+        trainer.train()
+    except torch.OutOfMemoryError:
+        raise OutOfMemory(
+            f"out of GPU memory at step {trainer.state.global_step}: lower QLORA_TRAIN__PER_DEVICE_BATCH_SIZE "
+            f"(now {settings.train.per_device_batch_size}) or QLORA_MODEL__MAX_SEQ_LENGTH"
+        ) from None
+    seconds = time.perf_counter() - started
+    if holder["non_finite"]:
+        step, loss, grad_norm = holder["non_finite"]
+        raise NonFiniteLoss(
+            f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}: lower QLORA_TRAIN__LEARNING_RATE or check the data"
+        )
+
+    adapter_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(adapter_dir), safe_serialization=True)
+    tokenizer.save_pretrained(str(adapter_dir))
+
+    curve = holder["curve"]
+    tokens = int(trainer.state.num_input_tokens_seen)
+    return {
+        "steps": trainer.state.global_step,
+        "rows": len(dataset),
+        "loss_first": curve[0]["loss"] if curve else None,
+        "loss_last": curve[-1]["loss"] if curve else None,
+        "loss_curve": curve,
+        "train_tokens": tokens,
+        "train_seconds": round(seconds, 3),
+        "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
+        "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "label_check": labels,
+    }

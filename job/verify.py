@@ -1,0 +1,78 @@
+"""Verification gate: the saved adapter, reloaded into a fresh base model the way a
+consumer would load it, must answer probe prompts sensibly before anything is published."""
+
+import json
+from pathlib import Path
+
+from job.errors import VerifyError
+from job.logs import get_logger
+from job.settings import Settings
+
+log = get_logger(__name__)
+
+
+def build_probes(settings: Settings, train_path: Path) -> list[dict]:
+    """Probe prompts: the user's QLORA_VERIFY__PROMPTS plus the first few training prompts."""
+    probes = [{"messages": [{"role": "user", "content": p.prompt}], "expected": p.expected, "source": "settings"}
+              for p in settings.verify.prompts]
+    with open(train_path, encoding="utf-8") as f:
+        for _, line in zip(range(settings.verify.train_probes), f, strict=False):
+            row = json.loads(line)
+            expected = row["completion"][0]["content"] if settings.verify.expect_memorised else None
+            probes.append({"messages": row["prompt"], "expected": expected, "source": f"train line {row['line']}"})
+    return probes
+
+
+def generate(model, tokenizer, messages: list[dict], max_new_tokens: int) -> dict:
+    """Greedy answer to one conversation, built as consumers build it (Qwen3: thinking off)."""
+    import torch
+
+    inputs = tokenizer.apply_chat_template(
+        messages, add_generation_prompt=True, enable_thinking=False, return_tensors="pt", return_dict=True
+    ).to(model.device)
+    with torch.inference_mode():
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, use_cache=True,
+        )
+    new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
+    ended = tokenizer.eos_token_id in new_tokens
+    if ended:
+        new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
+    return {"text": tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), "tokens": len(new_tokens), "ended": ended}
+
+
+def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, settings: Settings) -> dict:
+    """Run every probe with and without the adapter, write the report to report_path, and
+    raise VerifyError if a gate fails."""
+    max_new = settings.verify.max_new_tokens
+    results = []
+    for probe in probes:
+        tuned = generate(model, tokenizer, probe["messages"], max_new)
+        with model.disable_adapter():
+            base = generate(model, tokenizer, probe["messages"], max_new)
+        result = {
+            "prompt": probe["messages"][-1]["content"], "source": probe["source"], "answer": tuned["text"],
+            "answer_tokens": tuned["tokens"], "ended_with_eos": tuned["ended"], "base_answer": base["text"],
+            "expected": probe["expected"],
+            "matches_expected": None if probe["expected"] is None else tuned["text"] == probe["expected"].strip(),
+        }
+        results.append(result)
+        log.info("probe", prompt=result["prompt"][:80], answer=result["answer"][:120], ended=tuned["ended"])
+
+    failures = []
+    for i, r in enumerate(results):
+        if not r["answer"]:
+            failures.append(f"probe {i}: empty answer")
+        elif not r["ended_with_eos"]:
+            failures.append(f"probe {i}: no end-of-turn within {max_new} tokens")
+        if r["matches_expected"] is False:
+            failures.append(f"probe {i}: answer differs from the expected one")
+    if settings.verify.require_change and results and all(r["answer"] == r["base_answer"] for r in results):
+        failures.append("the adapter changed no answer of the base model")
+    report = {"passed": not failures, "failures": failures, "probes": results}
+    report_path.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
+    if failures:
+        more = f" (+{len(failures) - 1} more, see {report_path})" if len(failures) > 1 else ""
+        raise VerifyError(f"verification failed: {failures[0]}{more}")
+    return report
