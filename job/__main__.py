@@ -47,6 +47,7 @@ def run(settings: Settings) -> ExitCode:
     started = time.perf_counter()
     dataset_path = storage.fetch_file(settings.dataset_uri, work / "input" / "dataset.jsonl")
     timings["fetch_s"] = time.perf_counter() - started
+    log.info("dataset fetched", bytes=dataset_path.stat().st_size, seconds=round(timings["fetch_s"], 2))
 
     bind(stage="validate")
     report = data.validate_dataset(

@@ -2,6 +2,7 @@
 logging (transformers, datasets, boto3) rendered by the same processors."""
 
 import logging
+import os
 import sys
 
 import structlog
@@ -13,6 +14,9 @@ QUIET = ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "fsspec", "ht
 def configure_logging(log_format: str = "auto", level: str = "info") -> None:
     """Route structlog and stdlib logging to stdout through one renderer."""
     as_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
+    if not sys.stdout.isatty():
+        # tqdm bars (model loading, datasets, hub) are noise in pod logs; tqdm honours this variable.
+        os.environ.setdefault("TQDM_DISABLE", "1")
     shared = [
         structlog.contextvars.merge_contextvars,
         structlog.stdlib.add_log_level,

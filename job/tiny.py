@@ -52,6 +52,9 @@ def make_tiny_model(out_dir: Path, *, hidden_size: int = 64, layers: int = 2, vo
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
+    # LoRA leaves the (tied) embeddings frozen. At the default init (std 0.02) the logits
+    # stay near-uniform whatever the adapters do; std 0.25 lets a tiny model become confident.
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=0.25)
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.pad_token_id = fast.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,70 @@
+"""Label masking on the tiny tokenizer with Qwen3's real chat template, for every input format."""
+
+import json
+
+import pytest
+
+from job.data import validate_dataset
+from job.settings import Settings
+
+ROWS = {
+    "instruction": {"instruction": "What does ISAC stand for?", "output": "Integrated sensing and communication."},
+    "messages": {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does ISAC stand for?"},
+                              {"role": "assistant", "content": "Integrated sensing and communication."}]},
+    "prompt": {"prompt": "What does ISAC stand for?", "completion": "Integrated sensing and communication."},
+    "conversational prompt": {"prompt": [{"role": "user", "content": "What does ISAC stand for?"}],
+                              "completion": [{"role": "assistant", "content": "Integrated sensing and communication."}]},
+}
+
+
+@pytest.fixture
+def settings(tmp_path, clean_env):
+    return Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path / "out"), work_dir=tmp_path,
+                    train={"max_steps": 1, "per_device_batch_size": 1, "gradient_accumulation_steps": 1})
+
+
+@pytest.mark.parametrize("kind", ROWS)
+def test_prompt_is_masked_and_answer_with_end_of_turn_is_trained(kind, tmp_path, tiny_model, tiny_tokenizer, settings):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from job.train import check_labels, load_train_dataset, sft_config
+
+    source = tmp_path / "d.jsonl"
+    source.write_text(json.dumps(ROWS[kind]) + "\n")
+    report = validate_dataset(source, tmp_path)
+    dataset, rejected, _ = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
+    assert rejected == 0
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
+    trainer = SFTTrainer(model=model, processing_class=tiny_tokenizer, train_dataset=dataset,
+                         args=sft_config(settings, tmp_path / "ckpt", cuda=False))
+    row = trainer.train_dataset[0]
+    ids, labels = row["input_ids"], row["labels"]
+    trained = [i for i, label in zip(ids, labels, strict=True) if label != -100]
+    decode = tiny_tokenizer.decode
+    # Qwen3's non-thinking answer form, then end-of-turn and the newline that follows it.
+    assert decode(trained) == "<think>\n\n</think>\n\nIntegrated sensing and communication.<|im_end|>\n"
+    masked = decode([i for i, label in zip(ids, labels, strict=True) if label == -100])
+    assert masked.endswith("<|im_start|>user\nWhat does ISAC stand for?<|im_end|>\n<|im_start|>assistant\n")
+    assert ("Be brief." in masked) == (kind == "messages")
+    assert check_labels(trainer, tiny_tokenizer.eos_token_id)["eos_trained"] == 1
+
+
+def test_overlength_rows_are_rejected_with_their_line_or_kept_for_truncation(tmp_path, tiny_tokenizer, settings):
+    from job.train import load_train_dataset
+
+    source = tmp_path / "d.jsonl"
+    source.write_text(json.dumps({"instruction": "short", "output": "fine"}) + "\n"
+                      + json.dumps({"instruction": "long " * 200, "output": "too long"}) + "\n")
+    report = validate_dataset(source, tmp_path)
+    settings.model.max_seq_length = 64
+    dataset, rejected, truncated = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
+    assert (len(dataset), rejected, truncated) == (1, 1, 0)
+    reject = json.loads(report.rejects_path.read_text().splitlines()[-1])
+    assert reject["line"] == 2 and "longer than QLORA_MODEL__MAX_SEQ_LENGTH=64" in reject["reason"]
+
+    settings.data.overlength = "truncate"
+    report = validate_dataset(source, tmp_path / "again")
+    dataset, rejected, truncated = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
+    assert (len(dataset), rejected, truncated) == (2, 0, 1)
