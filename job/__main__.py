@@ -129,7 +129,8 @@ def config_command(env_docs_only: bool, as_markdown: bool) -> ExitCode:
     if as_markdown:
         print("| variable | type | default | description |\n| --- | --- | --- | --- |")
         for row in rows:
-            print(f"| `{row['name']}` | {row['type']} | `{row['default']}` | {row['description']} |".replace("``", "") )
+            default = f"`{row['default']}`" if row["default"] else ""
+            print(f"| `{row['name']}` | {row['type']} | {default} | {row['description']} |")
     else:
         print(json.dumps(rows, indent=2))
     return ExitCode.OK

@@ -8,7 +8,7 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args, get_origin
 
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
@@ -191,15 +191,27 @@ def redacted(settings: Settings) -> dict[str, Any]:
     return json.loads(settings.model_dump_json())
 
 
+def _type_name(annotation: Any) -> str:
+    """A short, table-safe name: 'str', 'int, optional', 'auto/json/console', 'JSON list'."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    if get_origin(annotation) is Literal:
+        return "/".join(str(a) for a in get_args(annotation))
+    if type(None) in get_args(annotation):
+        return _type_name(args[0]) + ", optional"
+    if get_origin(annotation) is list:
+        return "JSON list"
+    if annotation is SecretStr:
+        return "secret"
+    return getattr(annotation, "__name__", str(annotation))
+
+
 def env_docs() -> list[dict[str, str]]:
-    """One entry per variable: name, type, default, description. The README and chart read this."""
+    """One entry per variable: name, type, default, description. The docs and the chart read this."""
     rows = []
     for name, field in env_names().items():
         default = "(required)" if field.is_required() else field.get_default(call_default_factory=True)
-        if isinstance(default, SecretStr | Path):
-            default = str(default)
         if isinstance(default, list):
             default = json.dumps([d.model_dump() if isinstance(d, BaseModel) else d for d in default])
-        annotation = getattr(field.annotation, "__name__", None) or str(field.annotation).replace("typing.", "")
-        rows.append({"name": name, "type": annotation, "default": "" if default is None else str(default), "description": field.description or ""})
+        rows.append({"name": name, "type": _type_name(field.annotation), "default": "" if default is None else str(default),
+                     "description": field.description or ""})
     return rows

@@ -4,7 +4,7 @@ import pytest
 
 from job.errors import ConfigError, ExitCode
 from job.settings import SEVEN_PROJECTIONS, env_docs, load_settings
-from tests.conftest import run_job
+from tests.conftest import REPO, run_job
 
 REQUIRED = {"QLORA_DATASET_URI": "s3://data/train.jsonl", "QLORA_OUTPUT_URI": "s3://models/runs"}
 
@@ -90,3 +90,10 @@ def test_env_docs_cover_every_variable_with_type_default_and_description():
     assert rows["QLORA_DATASET_URI"]["default"] == "(required)"
     assert rows["QLORA_LORA__R"]["default"] == "16" and rows["QLORA_LORA__R"]["type"] == "int"
     assert all(row["description"] for row in rows.values())
+
+
+def test_configuration_doc_lists_exactly_what_the_code_accepts():
+    doc = (REPO / "docs" / "configuration.md").read_text()
+    table = doc.split("<!-- env-docs:start -->\n")[1].split("<!-- env-docs:end -->")[0]
+    generated = run_job("config", "--env-docs", "--markdown", env={}).stdout
+    assert table == generated, "regenerate with: make env-docs"
