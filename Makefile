@@ -43,9 +43,9 @@ test: install ## Run the test suite (CPU; GPU tests are deselected)
 lint: install ## Lint with ruff
 	$(BIN)/ruff check job tests bench
 
-.PHONY: env-docs
-env-docs: install ## Print every QLORA_* variable as a Markdown table
-	@$(BIN)/python -m job config --env-docs --markdown
+.PHONY: docs
+docs: install ## Regenerate the variable table in docs/configuration.md from job/settings.py
+	$(BIN)/python -c 'import re, subprocess, sys; p = "docs/configuration.md"; t = subprocess.check_output([sys.executable, "-m", "job", "config", "--env-docs", "--markdown"], text=True); s = open(p).read(); open(p, "w").write(re.sub(r"(<!-- env-docs:start -->\n).*(<!-- env-docs:end -->)", lambda m: m.group(1) + t + m.group(2), s, flags=re.S))'
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches

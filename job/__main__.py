@@ -71,7 +71,7 @@ def run(settings: Settings) -> ExitCode:
     report.accepted -= too_long
     report.rejected += too_long
     data.check_report(report, settings.data.max_reject_ratio)
-    metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings)
+    metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen)
     log.info("training finished", steps=metrics["steps"], loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
     del model, tokenizer, dataset
     engine.free_memory()

@@ -78,8 +78,23 @@ def _load_errors(source: str, error: Exception) -> ModelLoadError:
     return ModelLoadError(f"cannot load base model {source!r}: {text[:300]}")
 
 
-def _gradient_checkpointing(settings: Settings, engine: str):
+def gradient_checkpointing(settings: Settings, engine: str, config) -> str | bool:
+    """What to pass as use_gradient_checkpointing. auto: the seed recipe's "unsloth"; for the fast
+    recipe only when the activations of one micro-batch would take over half the free GPU memory."""
     choice = settings.lora.gradient_checkpointing
+    if choice == "auto" and settings.train.recipe == "seed":
+        choice = "unsloth"
+    if choice == "auto":
+        import torch
+
+        if not torch.cuda.is_available():
+            return False
+        # ~34 bytes per token per hidden unit per layer in bf16 without recomputation (Korthikanti
+        # et al. 2022, attention scores excluded: SDPA/flash do not store them). Qwen3-0.6B:
+        # 16,384 tokens x 28 layers x 1,024 x 34 B = 16 GB.
+        activations = settings.train.micro_batch_tokens * config.num_hidden_layers * config.hidden_size * 34
+        free, _ = torch.cuda.mem_get_info()
+        return ("unsloth" if engine == "unsloth" else True) if activations > free / 2 else False
     if choice == "unsloth":
         return "unsloth" if engine == "unsloth" else True
     return choice == "true"
@@ -101,7 +116,7 @@ def load_for_training(settings: Settings, engine: str, source: str):
             raise _load_errors(source, error) from None
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            bias="none", use_gradient_checkpointing=_gradient_checkpointing(settings, engine),
+            bias="none", use_gradient_checkpointing=gradient_checkpointing(settings, engine, model.config),
             random_state=settings.train.seed, max_seq_length=settings.model.max_seq_length,
         )
     else:
@@ -109,7 +124,7 @@ def load_for_training(settings: Settings, engine: str, source: str):
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
         model, tokenizer = _load_hf(settings, source)
-        gc = _gradient_checkpointing(settings, engine)
+        gc = gradient_checkpointing(settings, engine, model.config)
         if getattr(model, "is_loaded_in_4bit", False):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
         elif gc:

@@ -24,37 +24,45 @@ def _sample_texts(path: Path) -> list[str]:
     return texts
 
 
-def make_tiny_model(out_dir: Path, *, hidden_size: int = 64, layers: int = 2, vocab_size: int = 2048, seed: int = 0) -> Path:
-    """Build and save (safetensors) a tiny random Qwen3 model and its tokenizer into out_dir."""
+# Qwen3-0.6B's shape (config.json of the released model), for GPU benchmarks with random weights.
+QWEN3_0_6B = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+              "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
+TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "num_key_value_heads": 2, "head_dim": 16, "vocab_size": None}
+
+
+def make_tiny_model(out_dir: Path, *, shape: dict | None = None, tokenizer_vocab: int = 2048, seed: int = 0) -> Path:
+    """Build and save (safetensors) a random Qwen3 model and a tokenizer trained on the sample data.
+    shape: TINY (default) or QWEN3_0_6B; vocab_size None means the tokenizer's size."""
     import torch
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
 
+    shape = dict(shape or TINY)
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        vocab_size=tokenizer_vocab, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
     )
     tokenizer.train_from_iterator(_sample_texts(SAMPLE_DATA), trainer)
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None,
-        additional_special_tokens=["<|im_start|>", "<think>", "</think>"], model_max_length=2048,
+        additional_special_tokens=["<|im_start|>", "<think>", "</think>"], model_max_length=40960,
     )
     fast.chat_template = qwen_chat_template("qwen3")
 
-    heads = max(2, hidden_size // 16)
+    shape["vocab_size"] = shape["vocab_size"] or len(fast)
     config = Qwen3Config(
-        vocab_size=len(fast), hidden_size=hidden_size, intermediate_size=hidden_size * 2, num_hidden_layers=layers,
-        num_attention_heads=heads, num_key_value_heads=max(1, heads // 2), head_dim=16, max_position_embeddings=2048,
-        rope_theta=1_000_000.0, tie_word_embeddings=True, bos_token_id=None,
-        eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
+        **shape, max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6, tie_word_embeddings=True,
+        bos_token_id=None, eos_token_id=fast.eos_token_id, pad_token_id=fast.pad_token_id,
     )
     torch.manual_seed(seed)
     model = Qwen3ForCausalLM(config)
-    # LoRA leaves the (tied) embeddings frozen. At the default init (std 0.02) the logits
-    # stay near-uniform whatever the adapters do; std 0.25 lets a tiny model become confident.
-    torch.nn.init.normal_(model.get_input_embeddings().weight, std=0.25)
+    # LoRA leaves the (tied) embeddings frozen. At the default init (std 0.02) the logits stay
+    # near-uniform whatever the adapters do; std 2/sqrt(hidden) gives logits of std ~2 to start
+    # from (hidden 64: 0.25), so a random model can learn to answer and to stop.
+    torch.nn.init.normal_(model.get_input_embeddings().weight, std=2 / config.hidden_size**0.5)
     model.generation_config.eos_token_id = fast.eos_token_id
     model.generation_config.pad_token_id = fast.pad_token_id
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -4,7 +4,7 @@ consumer would load it, must answer probe prompts sensibly before anything is pu
 import json
 from pathlib import Path
 
-from job.errors import VerifyError
+from job.errors import ConfigError, VerifyError
 from job.logs import get_logger
 from job.settings import Settings
 
@@ -45,6 +45,8 @@ def generate(model, tokenizer, messages: list[dict], max_new_tokens: int) -> dic
 def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, settings: Settings) -> dict:
     """Run every probe with and without the adapter, write the report to report_path, and
     raise VerifyError if a gate fails."""
+    if not probes:
+        raise ConfigError("nothing to verify: set QLORA_VERIFY__PROMPTS or QLORA_VERIFY__TRAIN_PROBES above 0")
     max_new = settings.verify.max_new_tokens
     results = []
     for probe in probes:

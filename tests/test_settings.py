@@ -4,6 +4,7 @@ import pytest
 
 from job.errors import ConfigError, ExitCode
 from job.settings import SEVEN_PROJECTIONS, env_docs, load_settings
+from job.train import batch_plan
 from tests.conftest import REPO, run_job
 
 REQUIRED = {"QLORA_DATASET_URI": "s3://data/train.jsonl", "QLORA_OUTPUT_URI": "s3://models/runs"}
@@ -14,9 +15,11 @@ def test_defaults_are_the_seed_tutorials_recipe(clean_env, monkeypatch):
         monkeypatch.setenv(key, value)
     s = load_settings()
     assert (s.lora.r, s.lora.alpha, s.lora.dropout, s.lora.target_modules) == (16, 16, 0.0, SEVEN_PROJECTIONS)
-    assert s.lora.gradient_checkpointing == "unsloth"
+    assert s.lora.gradient_checkpointing == "auto"
     t = s.train
-    assert (t.per_device_batch_size, t.gradient_accumulation_steps, t.max_steps) == (2, 4, 60)
+    assert t.recipe == "fast" and t.max_steps == 60
+    s.train.recipe = "seed"
+    assert batch_plan(s, "unsloth") == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False}
     assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (2e-4, 5, "linear", "adamw_8bit")
     assert (t.weight_decay, t.seed, s.model.max_seq_length, s.model.load_in_4bit) == (0.01, 3407, 2048, True)
     assert s.data.max_reject_ratio == 0.0 and s.engine == "auto"
@@ -96,4 +99,16 @@ def test_configuration_doc_lists_exactly_what_the_code_accepts():
     doc = (REPO / "docs" / "configuration.md").read_text()
     table = doc.split("<!-- env-docs:start -->\n")[1].split("<!-- env-docs:end -->")[0]
     generated = run_job("config", "--env-docs", "--markdown", env={}).stdout
-    assert table == generated, "regenerate with: make env-docs"
+    assert table == generated, "regenerate with: make docs"
+
+
+def test_fast_recipe_packs_one_full_micro_batch_per_step_on_unsloth(clean_env, monkeypatch):
+    for key, value in REQUIRED.items():
+        monkeypatch.setenv(key, value)
+    s = load_settings()
+    assert batch_plan(s, "unsloth") == {"per_device_batch_size": 8, "gradient_accumulation_steps": 1, "packing": True}
+    # Plain SDPA would let packed rows attend to each other: no packing on the transformers engine.
+    assert batch_plan(s, "transformers")["packing"] is False
+    monkeypatch.setenv("QLORA_TRAIN__MICRO_BATCH_TOKENS", "65536")
+    monkeypatch.setenv("QLORA_TRAIN__GRADIENT_ACCUMULATION_STEPS", "2")
+    assert batch_plan(load_settings(), "unsloth") == {"per_device_batch_size": 32, "gradient_accumulation_steps": 2, "packing": True}
