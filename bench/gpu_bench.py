@@ -1,0 +1,150 @@
+"""GPU benchmark: the seed tutorial's recipe (gpu_anchor.py, mode `unsloth`) against the
+job's own training paths, on one card in one call, same synthetic data and model.
+
+    python bench/gpu_bench.py OUTDIR        (on the GPU machine; STEPS_ANCHOR, FAST_STEPS override)
+
+Prints a table and writes OUTDIR/bench.json. Every job run is the real `python -m job`
+against a local S3 server (moto), with the anchor's Qwen3-0.6B-shaped random model."""
+
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+PEAK_BF16 = 989e12  # H100/H200 SXM dense bf16 FLOP/s
+FLOP_PER_TOKEN = 2.8e9  # Qwen3-0.6B at 1k-token documents, 6N + attention convention (gpu.md)
+MODEL_DIR, DATA = "/tmp/qwen3-0.6b-rand", "/tmp/sft.jsonl"
+# Short answers mixed into the random-word rows: the verify gate needs something a random
+# model can learn to answer and end within a few steps; random-word answers never end.
+FACTS = [("What is the 6G latency target?", "About 0.1 ms."), ("What does RIS steer?", "Radio waves."),
+         ("Who runs xApps?", "The RIC."), ("What is the 6G peak rate goal?", "One terabit per second.")]
+
+
+def sh(cmd: list[str], env: dict, log: Path) -> tuple[int, float]:
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        code = subprocess.call(cmd, env=env, stdout=f, stderr=subprocess.STDOUT, cwd=REPO)
+    return code, time.perf_counter() - started
+
+
+def loss_at(curve: list[dict], lo: float, hi: float) -> float | None:
+    """Mean training loss over the logged steps whose cumulative tokens fall in [lo, hi]."""
+    window = [p["loss"] for p in curve if lo <= p["tokens"] <= hi]
+    return sum(window) / len(window) if window else None
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    results: dict = {"card": _card(), "versions": _versions()}
+
+    code, secs = sh([sys.executable, str(HERE / "gpu_anchor.py"), "prepare", str(out)], env, out / "prepare.log")
+    assert code == 0, (out / "prepare.log").read_text()[-3000:]
+    anchor_steps = os.environ.get("STEPS_ANCHOR", "25")
+    code, secs = sh([sys.executable, str(HERE / "gpu_anchor.py"), "unsloth", str(out)], {**env, "STEPS": anchor_steps}, out / "anchor.log")
+    results["anchor"] = json.loads((out / "unsloth.json").read_text()) if code == 0 else {"exit": code}
+    results["anchor"]["wall_s"] = round(secs, 1)
+
+    import boto3
+    from moto.server import ThreadedMotoServer
+
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    aws = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
+           "AWS_REGION": "us-east-1"}
+    os.environ.update(aws)
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="bench")
+    rows = Path(DATA).read_text().splitlines()
+    rows += [json.dumps({"instruction": q, "output": a}) for q, a in FACTS] * 25  # 3,000 + 100 rows
+    s3.put_object(Bucket="bench", Key="data/train.jsonl", Body=("\n".join(rows) + "\n").encode())
+
+    fast_steps = os.environ.get("FAST_STEPS", "60")
+    variants = {
+        # name: settings on top of the defaults
+        "job_seed": {"QLORA_TRAIN__RECIPE": "seed", "QLORA_TRAIN__MAX_STEPS": os.environ.get("SEED_STEPS", "40")},
+        "job_fast": {"QLORA_TRAIN__MAX_STEPS": fast_steps},
+        "job_fast_64k": {"QLORA_TRAIN__MICRO_BATCH_TOKENS": "65536", "QLORA_TRAIN__MAX_STEPS": str(max(4, int(fast_steps) // 4))},
+        "job_fast_64k_lr8e-4": {"QLORA_TRAIN__MICRO_BATCH_TOKENS": "65536", "QLORA_TRAIN__LEARNING_RATE": "8e-4",
+                                "QLORA_TRAIN__MAX_STEPS": str(max(4, int(fast_steps) // 4))},
+    }
+    only = os.environ.get("VARIANTS")
+    for name, extra in variants.items():
+        if only and name not in only.split(","):
+            continue
+        job_env = {
+            **{k: v for k, v in env.items() if not k.startswith("QLORA_")}, **aws,
+            "QLORA_DATASET_URI": "s3://bench/data/train.jsonl", "QLORA_OUTPUT_URI": "s3://bench/runs",
+            "QLORA_MODEL__NAME": MODEL_DIR, "QLORA_RUN_ID": name, "QLORA_WORK_DIR": f"/tmp/work-{name}",
+            "QLORA_TERMINATION_LOG": str(out / f"{name}.termination"), "QLORA_LOG_FORMAT": "json",
+            "QLORA_VERIFY__PROMPTS": json.dumps([{"prompt": q} for q, _ in FACTS[:2]]), "QLORA_VERIFY__TRAIN_PROBES": "0",
+            "QLORA_VERIFY__MAX_NEW_TOKENS": "32", **extra,
+        }
+        code, secs = sh([sys.executable, "-m", "job"], job_env, out / f"{name}.log")
+        metrics_path = Path(f"/tmp/work-{name}/{name}/publish/metrics.json")
+        metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+        results[name] = {"exit": code, "wall_s": round(secs, 1), **{k: v for k, v in metrics.items() if k != "data"}}
+        print(f"{name}: exit {code} in {secs:.1f} s", flush=True)
+    server.stop()
+    _report(results, out)
+
+
+def _report(results: dict, out: Path) -> None:
+    anchor = results["anchor"]
+    base = anchor.get("tok_per_s_steady") or 0
+    seed_curve = results.get("job_seed", {}).get("loss_curve", [])
+    seed_end = seed_curve[-1]["tokens"] if seed_curve else 0
+    rows = [("anchor (seed, gpu_anchor.py unsloth)", base, anchor.get("tok_per_step"), anchor.get("peak_mem_gib"),
+             anchor.get("load_s"), anchor.get("wall_s"), None, None)]
+    for name in ("job_seed", "job_fast", "job_fast_64k", "job_fast_64k_lr8e-4"):
+        r = results.get(name)
+        if not r:
+            continue
+        gap = None
+        if seed_curve and r.get("loss_curve") and name != "job_seed":
+            lo, hi = 0.75 * seed_end, seed_end
+            mine, ref = loss_at(r["loss_curve"], lo, hi), loss_at(seed_curve, lo, hi)
+            gap = (mine - ref) / ref if mine is not None and ref else None
+            r["loss_vs_seed_at_equal_tokens"] = gap
+        rows.append((f"{name} (exit {r['exit']})", r.get("steady_tokens_per_second"), r.get("tokens_per_step"),
+                     r.get("peak_gpu_memory_gib"), (r.get("timings") or {}).get("load_s"), r["wall_s"], gap, r.get("batch_plan")))
+    lines = [f"card: {results['card']}", f"versions: {json.dumps(results['versions'])}", "",
+             "| run | steady tok/s | x seed | tok/step | peak GiB | load s | wall s | util % | loss vs seed @ equal tokens |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, tps, per_step, peak, load, wall, gap, _ in rows:
+        ratio = f"{tps / base:.2f}" if tps and base else "-"
+        util = f"{100 * tps * FLOP_PER_TOKEN / PEAK_BF16:.1f}" if tps else "-"
+        lines.append(f"| {name} | {round(tps) if tps else '-'} | {ratio} | {per_step or '-'} | {peak or '-'} | "
+                     f"{round(load, 1) if load else '-'} | {wall or '-'} | {util} | {f'{gap:+.2%}' if gap is not None else '-'} |")
+    table = "\n".join(lines)
+    print(table)
+    (out / "bench.md").write_text(table + "\n")
+    (out / "bench.json").write_text(json.dumps(results, indent=1))
+
+
+def _card() -> str:
+    import torch
+
+    return f"{torch.cuda.get_device_name(0)} ({torch.cuda.get_device_properties(0).total_memory / 2**30:.0f} GiB)"
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    names = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "bitsandbytes", "datasets", "accelerate")
+    found = {}
+    for n in names:
+        try:
+            found[n] = metadata.version(n)
+        except metadata.PackageNotFoundError:
+            found[n] = None
+    return found
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))

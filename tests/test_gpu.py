@@ -1,0 +1,47 @@
+"""The Unsloth path on a real GPU (run there with `pytest -m gpu`; deselected elsewhere)."""
+
+import json
+
+import pytest
+
+from job.errors import ExitCode
+from tests.conftest import run_job
+from tests.test_e2e import FACTS
+
+pytestmark = pytest.mark.gpu
+
+
+@pytest.fixture(scope="module")
+def qwen3_shaped_model(tmp_path_factory):
+    from job.tiny import QWEN3_0_6B, make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("qwen3") / "model", shape=QWEN3_0_6B)
+
+
+@pytest.mark.parametrize("recipe", ["fast", "seed"])
+def test_unsloth_qlora_job_end_to_end(recipe, s3, bucket, s3_env, qwen3_shaped_model, tmp_path):
+    body = "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS)
+    s3.put_object(Bucket=bucket, Key="data/facts.jsonl", Body=body.encode())
+    for path in qwen3_shaped_model.iterdir():
+        s3.upload_file(str(path), bucket, f"base/qwen3/{path.name}")
+    env = {
+        **s3_env, "HF_HUB_OFFLINE": "1",
+        "QLORA_ENGINE": "unsloth", "QLORA_TRAIN__RECIPE": recipe,
+        "QLORA_DATASET_URI": f"s3://{bucket}/data/facts.jsonl", "QLORA_OUTPUT_URI": f"s3://{bucket}/runs",
+        "QLORA_MODEL__NAME": f"s3://{bucket}/base/qwen3", "QLORA_MODEL__CACHE_DIR": str(tmp_path / "cache"),
+        "QLORA_WORK_DIR": str(tmp_path / "work"), "QLORA_RUN_ID": f"gpu-{recipe}",
+        "QLORA_TRAIN__MAX_STEPS": "80", "QLORA_TRAIN__LEARNING_RATE": "2e-3",
+        "QLORA_VERIFY__TRAIN_PROBES": "4", "QLORA_VERIFY__MAX_NEW_TOKENS": "32",
+    }
+    result = run_job(env=env, timeout=900)
+    assert result.returncode == ExitCode.OK, result.stderr + result.stdout[-4000:]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/gpu-{recipe}/manifest.json")["Body"].read())
+    metrics = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/gpu-{recipe}/metrics.json")["Body"].read())
+    verify = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/gpu-{recipe}/verify.json")["Body"].read())
+    assert manifest["engine"] == "unsloth" and "unsloth" in manifest["packages"]
+    assert metrics["peak_gpu_memory_gib"] > 0 and metrics["loss_last"] < metrics["loss_first"]
+    assert metrics["batch_plan"]["packing"] is (recipe == "fast")
+    assert verify["passed"]
+    exact = sum(p["answer"] == a for p, (_, a) in zip(verify["probes"], FACTS, strict=True))
+    print(f"{recipe}: loss {metrics['loss_first']:.3f} -> {metrics['loss_last']:.3f}, {exact}/4 answers exact, "
+          f"peak {metrics['peak_gpu_memory_gib']} GiB, {metrics['steady_tokens_per_second']} tokens/s")
