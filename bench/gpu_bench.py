@@ -49,8 +49,12 @@ def main(out: Path) -> None:
     results["anchor"] = json.loads((out / "unsloth.json").read_text()) if code == 0 else {"exit": code}
     results["anchor"]["wall_s"] = round(secs, 1)
 
+    import logging
+
     import boto3
     from moto.server import ThreadedMotoServer
+
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)
 
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
@@ -67,8 +71,8 @@ def main(out: Path) -> None:
     fast_steps = os.environ.get("FAST_STEPS", "60")
     variants = {
         # name: settings on top of the defaults
-        "job_seed": {"QLORA_TRAIN__RECIPE": "seed", "QLORA_TRAIN__MAX_STEPS": os.environ.get("SEED_STEPS", "40")},
         "job_fast": {"QLORA_TRAIN__MAX_STEPS": fast_steps},
+        "job_seed": {"QLORA_TRAIN__RECIPE": "seed", "QLORA_TRAIN__MAX_STEPS": os.environ.get("SEED_STEPS", "30")},
         "job_fast_64k": {"QLORA_TRAIN__MICRO_BATCH_TOKENS": "65536", "QLORA_TRAIN__MAX_STEPS": str(max(4, int(fast_steps) // 4))},
         "job_fast_64k_lr8e-4": {"QLORA_TRAIN__MICRO_BATCH_TOKENS": "65536", "QLORA_TRAIN__LEARNING_RATE": "8e-4",
                                 "QLORA_TRAIN__MAX_STEPS": str(max(4, int(fast_steps) // 4))},
@@ -90,6 +94,7 @@ def main(out: Path) -> None:
         metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
         results[name] = {"exit": code, "wall_s": round(secs, 1), **{k: v for k, v in metrics.items() if k != "data"}}
         print(f"{name}: exit {code} in {secs:.1f} s", flush=True)
+        (out / "bench.json").write_text(json.dumps(results, indent=1))  # partial results survive a time-out
     server.stop()
     _report(results, out)
 

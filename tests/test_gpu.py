@@ -22,13 +22,16 @@ def qwen3_shaped_model(tmp_path_factory):
 def test_unsloth_qlora_job_end_to_end(recipe, s3, bucket, s3_env, qwen3_shaped_model, tmp_path):
     body = "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS)
     s3.put_object(Bucket=bucket, Key="data/facts.jsonl", Body=body.encode())
-    for path in qwen3_shaped_model.iterdir():
-        s3.upload_file(str(path), bucket, f"base/qwen3/{path.name}")
+    model = str(qwen3_shaped_model)
+    if recipe == "fast":  # the s3:// model path once; 1.2 GB through moto costs minutes
+        for path in qwen3_shaped_model.iterdir():
+            s3.upload_file(str(path), bucket, f"base/qwen3/{path.name}")
+        model = f"s3://{bucket}/base/qwen3"
     env = {
         **s3_env, "HF_HUB_OFFLINE": "1",
         "QLORA_ENGINE": "unsloth", "QLORA_TRAIN__RECIPE": recipe,
         "QLORA_DATASET_URI": f"s3://{bucket}/data/facts.jsonl", "QLORA_OUTPUT_URI": f"s3://{bucket}/runs",
-        "QLORA_MODEL__NAME": f"s3://{bucket}/base/qwen3", "QLORA_MODEL__CACHE_DIR": str(tmp_path / "cache"),
+        "QLORA_MODEL__NAME": model, "QLORA_MODEL__CACHE_DIR": str(tmp_path / "cache"),
         "QLORA_WORK_DIR": str(tmp_path / "work"), "QLORA_RUN_ID": f"gpu-{recipe}",
         "QLORA_TRAIN__MAX_STEPS": "80", "QLORA_TRAIN__LEARNING_RATE": "2e-3",
         "QLORA_VERIFY__TRAIN_PROBES": "4", "QLORA_VERIFY__MAX_NEW_TOKENS": "32",
