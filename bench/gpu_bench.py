@@ -72,10 +72,9 @@ def main(out: Path) -> None:
     variants = {
         # name: settings on top of the defaults
         "job_fast": {"QLORA_TRAIN__MAX_STEPS": fast_steps},
-        "job_seed": {"QLORA_TRAIN__RECIPE": "seed", "QLORA_TRAIN__MAX_STEPS": os.environ.get("SEED_STEPS", "30")},
-        "job_fast_64k": {"QLORA_TRAIN__MICRO_BATCH_TOKENS": "65536", "QLORA_TRAIN__MAX_STEPS": str(max(4, int(fast_steps) // 4))},
-        "job_fast_64k_lr8e-4": {"QLORA_TRAIN__MICRO_BATCH_TOKENS": "65536", "QLORA_TRAIN__LEARNING_RATE": "8e-4",
-                                "QLORA_TRAIN__MAX_STEPS": str(max(4, int(fast_steps) // 4))},
+        "job_seed": {"QLORA_TRAIN__RECIPE": "seed", "QLORA_TRAIN__MAX_STEPS": os.environ.get("SEED_STEPS", "20")},
+        "job_fast_32k": {"QLORA_TRAIN__MICRO_BATCH_TOKENS": "32768", "QLORA_TRAIN__MAX_STEPS": str(max(4, int(fast_steps) // 2))},
+        "job_packed_16k": {"QLORA_TRAIN__PACKING": "true", "QLORA_TRAIN__MAX_STEPS": fast_steps},
     }
     only = os.environ.get("VARIANTS")
     for name, extra in variants.items():
@@ -106,7 +105,7 @@ def _report(results: dict, out: Path) -> None:
     seed_end = seed_curve[-1]["tokens"] if seed_curve else 0
     rows = [("anchor (seed, gpu_anchor.py unsloth)", base, anchor.get("tok_per_step"), anchor.get("peak_mem_gib"),
              anchor.get("load_s"), anchor.get("wall_s"), None, None)]
-    for name in ("job_seed", "job_fast", "job_fast_64k", "job_fast_64k_lr8e-4"):
+    for name in ("job_seed", "job_fast", "job_fast_32k", "job_packed_16k"):
         r = results.get(name)
         if not r:
             continue

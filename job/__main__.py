@@ -67,12 +67,16 @@ def run(settings: Settings) -> ExitCode:
     log.info("model loaded", engine=chosen, source=base_source, seconds=round(timings["load_s"], 2))
 
     bind(stage="train")
-    dataset, too_long, truncated = train.load_train_dataset(report.train_path, report.rejects_path, tokenizer, settings)
-    report.accepted -= too_long
-    report.rejected += too_long
+    dataset, stats = train.load_train_dataset(report.train_path, report.rejects_path, tokenizer, settings)
+    report.accepted -= stats["rejected"]
+    report.rejected += stats["rejected"]
     data.check_report(report, settings.data.max_reject_ratio)
-    metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen)
-    log.info("training finished", steps=metrics["steps"], loss_first=metrics["loss_first"], loss_last=metrics["loss_last"])
+    metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen, stats["mean_row_tokens"])
+    metrics.update(engine=chosen, overlength_truncated=stats["truncated"], mean_row_tokens=stats["mean_row_tokens"])
+    # Written now as well as at publish, so a run that fails verify still leaves its numbers in the work dir.
+    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
+    log.info("training finished", steps=metrics["steps"], loss_first=metrics["loss_first"], loss_last=metrics["loss_last"],
+             steady_tokens_per_s=metrics["steady_tokens_per_second"], peak_gpu_memory_gib=metrics["peak_gpu_memory_gib"])
     del model, tokenizer, dataset
     engine.free_memory()
 
@@ -90,7 +94,7 @@ def run(settings: Settings) -> ExitCode:
 
     bind(stage="publish")
     report.rejects_path.replace(out / "rejects.jsonl")
-    metrics.update(engine=chosen, overlength_truncated=truncated, data=report.summary(),
+    metrics.update(data=report.summary(),
                    timings={k: round(v, 3) for k, v in timings.items()})
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
     manifest = {

@@ -52,20 +52,20 @@ class LoraSettings(Section):
 class TrainSettings(Section):
     recipe: Literal["fast", "seed"] = Field(
         "fast",
-        description="fast: packed rows, micro-batches of micro_batch_tokens, one micro-batch a step, checkpointing only if needed; "
+        description="fast: one micro-batch of ~micro_batch_tokens tokens a step, rows of similar length together, checkpointing only if needed; "
         "seed: the tutorial as written (2 rows x 4 accumulation, padding, Unsloth checkpointing).",
     )
     max_steps: int = Field(60, ge=1, description="Optimizer steps.")
-    per_device_batch_size: int | None = Field(None, ge=1, description="Rows (packed sequences) per micro-batch; unset: seed 2, fast micro_batch_tokens / max_seq_length.")
+    per_device_batch_size: int | None = Field(None, ge=1, description="Rows per micro-batch; unset: seed 2, fast micro_batch_tokens / mean row tokens.")
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="Micro-batches per optimizer step; unset: seed 4 (2 x 4 = 8 rows a step), fast 1.")
-    micro_batch_tokens: int = Field(16384, ge=64, description="Fast recipe: tokens per micro-batch (8 packed sequences of 2,048).")
+    micro_batch_tokens: int = Field(16384, ge=64, description="Fast recipe: token budget of one micro-batch (28 rows of ~580 tokens).")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
     warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
     optim: str = Field("adamw_8bit", description="Optimizer (adamw_8bit needs bitsandbytes; falls back to adamw_torch without it).")
     weight_decay: float = Field(0.01, ge=0, description="Weight decay.")
     seed: int = Field(3407, description="Seed for LoRA init, shuffling and dropout.")
-    packing: bool | None = Field(None, description="Pack rows into full sequences; unset: on for the fast recipe with the unsloth engine, else off.")
+    packing: bool = Field(False, description="Pack rows into full max_seq_length sequences (padding-free); worth it only with FlashAttention-2 or xformers installed.")
     logging_steps: int = Field(1, ge=1, description="Log progress every N steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
 

@@ -24,32 +24,40 @@ def _optimizer(name: str, cuda: bool) -> str:
     return name
 
 
-def batch_plan(settings: Settings, engine: str) -> dict:
-    """Rows per micro-batch, micro-batches per step, and packing, for the chosen recipe.
+def batch_plan(settings: Settings, engine: str, mean_row_tokens: float | None = None) -> dict:
+    """Rows per micro-batch, micro-batches per step, packing and sampling, for the chosen recipe.
 
-    seed: 2 rows x 4 micro-batches, padded (the tutorial). fast: one micro-batch per optimizer
-    step of micro_batch_tokens packed tokens; at this model size each step costs ~0.2 s of fixed
-    overhead (kernel launches, Python), so fewer, fuller steps are what makes training fast."""
+    seed: 2 rows x 4 micro-batches, padded, in random order (the tutorial). fast: one micro-batch
+    per optimizer step holding about micro_batch_tokens tokens, rows of similar length batched
+    together so little is padding. At this model size each step costs ~0.2 s of fixed overhead
+    (kernel launches, Python), so fewer, fuller steps are what makes training fast.
+    Packing stays off unless asked for: without FlashAttention-2 or xformers, a padding-free packed
+    micro-batch is attended as one long sequence, and its cost grows with the square of its length
+    (measured on an H100: 16k tokens 0.9 s a step, 64k tokens 5.8 s; bench/RESULTS.md)."""
     train = settings.train
     seed = train.recipe == "seed"
-    # Packed rows need attention that stops at row boundaries: Unsloth provides it; plain SDPA does not.
-    packing = train.packing if train.packing is not None else (not seed and engine == "unsloth")
+    packing = bool(train.packing)
     if seed:
         per_device = train.per_device_batch_size or 2
-    else:
+    elif packing:
         # 16,384 tokens / 2,048 per packed sequence = 8 sequences per micro-batch
         per_device = train.per_device_batch_size or max(1, train.micro_batch_tokens // settings.model.max_seq_length)
+    else:
+        # 16,384 tokens / ~580 tokens a row = 28 rows per micro-batch
+        per_device = train.per_device_batch_size or max(1, int(train.micro_batch_tokens // max(mean_row_tokens or 512, 1)))
     accumulation = train.gradient_accumulation_steps or (4 if seed else 1)
-    return {"per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation, "packing": packing}
+    sampling = "group_by_length" if not seed and not packing else "random"
+    return {"per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation, "packing": packing,
+            "sampling": sampling}
 
 
-def sft_config(settings: Settings, output_dir: Path, cuda: bool, engine: str = "transformers"):
+def sft_config(settings: Settings, output_dir: Path, cuda: bool, engine: str = "transformers", mean_row_tokens: float | None = None):
     """Trainer arguments from settings: the seed tutorial's hyperparameters, the recipe's batch shape."""
     import torch
     from trl import SFTConfig
 
     train = settings.train
-    plan = batch_plan(settings, engine)
+    plan = batch_plan(settings, engine, mean_row_tokens)
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return SFTConfig(
         output_dir=str(output_dir),
@@ -72,6 +80,7 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, engine: str = "
         truncation_mode="keep_start",
         packing=plan["packing"],
         padding_free=plan["packing"],
+        train_sampling_strategy=plan["sampling"],
         dataloader_num_workers=2 if cuda else 0,  # collation off the training thread
         dataloader_pin_memory=cuda,
         completion_only_loss=True,
@@ -159,7 +168,7 @@ def _progress_callback(state_holder: dict):
 
 def load_train_dataset(train_path: Path, rejects_path: Path, tokenizer, settings: Settings):
     """The validated rows as a datasets.Dataset, over-length rows rejected or marked for truncation.
-    Returns (dataset, rejected, truncated)."""
+    Returns (dataset, stats: rejected, truncated, mean_row_tokens)."""
     from datasets import load_dataset
 
     cache = train_path.parent / "hf-datasets"
@@ -167,7 +176,9 @@ def load_train_dataset(train_path: Path, rejects_path: Path, tokenizer, settings
     dataset, rejected, truncated = drop_overlength(
         dataset, tokenizer, settings.model.max_seq_length, settings.data.overlength, rejects_path
     )
-    return dataset.remove_columns(["line", "n_tokens"]), rejected, truncated
+    mean_tokens = sum(dataset["n_tokens"]) / len(dataset) if len(dataset) else 0.0
+    stats = {"rejected": rejected, "truncated": truncated, "mean_row_tokens": round(mean_tokens, 1)}
+    return dataset.remove_columns(["line", "n_tokens"]), stats
 
 
 def steady_tokens_per_second(steps: list[tuple[float, int]]) -> float | None:
@@ -179,7 +190,8 @@ def steady_tokens_per_second(steps: list[tuple[float, int]]) -> float | None:
     return (n1 - n0) / (t1 - t0) if t1 > t0 else None
 
 
-def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settings, engine: str = "transformers") -> dict:
+def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settings, engine: str = "transformers",
+                  mean_row_tokens: float | None = None) -> dict:
     """Fine-tune the LoRA adapters on the dataset, save them to adapter_dir, and return metrics."""
     import torch
     from trl import SFTTrainer
@@ -187,8 +199,9 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
     cuda = torch.cuda.is_available()
     work = adapter_dir.parent
     holder: dict = {"curve": [], "steps": [], "non_finite": None, "start": time.perf_counter()}
-    args = sft_config(settings, work / "checkpoints", cuda, engine)
-    log.info("batch plan", recipe=settings.train.recipe, **batch_plan(settings, engine))
+    plan = batch_plan(settings, engine, mean_row_tokens)
+    args = sft_config(settings, work / "checkpoints", cuda, engine, mean_row_tokens)
+    log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=mean_row_tokens, **plan)
     trainer = SFTTrainer(
         model=model, processing_class=tokenizer, train_dataset=dataset, args=args, callbacks=[_progress_callback(holder)],
     )
@@ -233,7 +246,7 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,
         "steady_tokens_per_second": round(steady, 1) if (steady := steady_tokens_per_second(holder["steps"])) else None,
         "tokens_per_step": round(tokens / max(trainer.state.global_step, 1)),
-        "batch_plan": batch_plan(settings, engine),
+        "batch_plan": plan,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "label_check": labels,
     }

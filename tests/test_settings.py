@@ -19,7 +19,8 @@ def test_defaults_are_the_seed_tutorials_recipe(clean_env, monkeypatch):
     t = s.train
     assert t.recipe == "fast" and t.max_steps == 60
     s.train.recipe = "seed"
-    assert batch_plan(s, "unsloth") == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False}
+    assert batch_plan(s, "unsloth") == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
+                                        "sampling": "random"}
     assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (2e-4, 5, "linear", "adamw_8bit")
     assert (t.weight_decay, t.seed, s.model.max_seq_length, s.model.load_in_4bit) == (0.01, 3407, 2048, True)
     assert s.data.max_reject_ratio == 0.0 and s.engine == "auto"
@@ -102,13 +103,15 @@ def test_configuration_doc_lists_exactly_what_the_code_accepts():
     assert table == generated, "regenerate with: make docs"
 
 
-def test_fast_recipe_packs_one_full_micro_batch_per_step_on_unsloth(clean_env, monkeypatch):
+def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean_env, monkeypatch):
     for key, value in REQUIRED.items():
         monkeypatch.setenv(key, value)
     s = load_settings()
-    assert batch_plan(s, "unsloth") == {"per_device_batch_size": 8, "gradient_accumulation_steps": 1, "packing": True}
-    # Plain SDPA would let packed rows attend to each other: no packing on the transformers engine.
-    assert batch_plan(s, "transformers")["packing"] is False
+    # 16,384-token budget / 580 tokens a row = 28 rows, one micro-batch a step, length-grouped.
+    assert batch_plan(s, "unsloth", mean_row_tokens=580) == {
+        "per_device_batch_size": 28, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length"}
+    monkeypatch.setenv("QLORA_TRAIN__PACKING", "true")
     monkeypatch.setenv("QLORA_TRAIN__MICRO_BATCH_TOKENS", "65536")
     monkeypatch.setenv("QLORA_TRAIN__GRADIENT_ACCUMULATION_STEPS", "2")
-    assert batch_plan(load_settings(), "unsloth") == {"per_device_batch_size": 32, "gradient_accumulation_steps": 2, "packing": True}
+    assert batch_plan(load_settings(), "unsloth") == {"per_device_batch_size": 32, "gradient_accumulation_steps": 2,
+                                                      "packing": True, "sampling": "random"}

@@ -34,8 +34,8 @@ def test_prompt_is_masked_and_answer_with_end_of_turn_is_trained(kind, tmp_path,
     source = tmp_path / "d.jsonl"
     source.write_text(json.dumps(ROWS[kind]) + "\n")
     report = validate_dataset(source, tmp_path)
-    dataset, rejected, _ = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
-    assert rejected == 0
+    dataset, stats = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
+    assert stats["rejected"] == 0
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
     trainer = SFTTrainer(model=model, processing_class=tiny_tokenizer, train_dataset=dataset,
                          args=sft_config(settings, tmp_path / "ckpt", cuda=False))
@@ -59,12 +59,12 @@ def test_overlength_rows_are_rejected_with_their_line_or_kept_for_truncation(tmp
                       + json.dumps({"instruction": "long " * 200, "output": "too long"}) + "\n")
     report = validate_dataset(source, tmp_path)
     settings.model.max_seq_length = 64
-    dataset, rejected, truncated = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
-    assert (len(dataset), rejected, truncated) == (1, 1, 0)
+    dataset, stats = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
+    assert (len(dataset), stats["rejected"], stats["truncated"]) == (1, 1, 0)
     reject = json.loads(report.rejects_path.read_text().splitlines()[-1])
     assert reject["line"] == 2 and "longer than QLORA_MODEL__MAX_SEQ_LENGTH=64" in reject["reason"]
 
     settings.data.overlength = "truncate"
     report = validate_dataset(source, tmp_path / "again")
-    dataset, rejected, truncated = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
-    assert (len(dataset), rejected, truncated) == (2, 0, 1)
+    dataset, stats = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
+    assert (len(dataset), stats["rejected"], stats["truncated"]) == (2, 0, 1)
