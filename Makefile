@@ -81,6 +81,13 @@ image: ## Build the production CUDA image ($(IMAGE):cuda)
 image-cpu: ## Build the CPU image ($(IMAGE):cpu-dev) used by kind e2e
 	docker build --target cpu -t $(IMAGE):cpu-dev .
 
+# Base image override for machines without a registry (e.g. a debootstrap image you imported).
+CPU_IMAGE ?=
+.PHONY: container-test
+container-test: install ## Build the cpu image and run it against a loopback S3 server (needs a Docker engine)
+	docker build --target cpu -t $(IMAGE):cpu-dev $(if $(CPU_IMAGE),--build-arg CPU_IMAGE=$(CPU_IMAGE)) .
+	CONTAINER_IMAGE=$(IMAGE):cpu-dev $(BIN)/python -m pytest -m container -s $(PYTEST_ARGS)
+
 .PHONY: kind-e2e
 kind-e2e: install tools ## kind cluster + cpu image + MinIO + helm install, assert the manifest (needs docker and kind)
 	PYTHON=$(BIN)/python k8s/kind/e2e.sh
