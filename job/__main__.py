@@ -28,7 +28,7 @@ def new_run_id() -> str:
 
 def run(settings: Settings) -> ExitCode:
     """One fine-tuning run; each stage is one call."""
-    from job import data, engine, publish, train, verify
+    from job import checkpoint, data, engine, publish, train, verify
 
     run_id = settings.run_id or new_run_id()
     run_uri = storage.join(settings.output_uri, run_id)
@@ -71,7 +71,9 @@ def run(settings: Settings) -> ExitCode:
     report.accepted -= stats["rejected"]
     report.rejected += stats["rejected"]
     data.check_report(report, settings.data.max_reject_ratio)
-    metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen, stats["mean_row_tokens"])
+    resume = checkpoint.fetch_latest_checkpoint(run_uri, work)
+    metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen, stats["mean_row_tokens"],
+                                  run_uri=run_uri, resume_from=resume)
     metrics.update(engine=chosen, overlength_truncated=stats["truncated"], mean_row_tokens=stats["mean_row_tokens"])
     # Written now as well as at publish, so a run that fails verify still leaves its numbers in the work dir.
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")

@@ -77,6 +77,12 @@ class DataSettings(Section):
     system_prompt: str | None = Field(None, description="System prompt added to rows that have none.")
 
 
+class CheckpointSettings(Section):
+    every_steps: int = Field(0, ge=0, description="Save and upload a checkpoint every N optimizer steps (0: only by time and on SIGTERM).")
+    every_minutes: float = Field(30.0, ge=0, description="Save and upload a checkpoint when this many minutes passed since the last (0: off).")
+    keep: int = Field(2, ge=1, description="Uploaded checkpoints kept per run (older ones are deleted).")
+
+
 class Probe(Section):
     prompt: str
     expected: str | None = None
@@ -115,6 +121,7 @@ class Settings(BaseSettings):
     train: TrainSettings = TrainSettings()
     data: DataSettings = DataSettings()
     verify: VerifySettings = VerifySettings()
+    checkpoint: CheckpointSettings = CheckpointSettings()
 
     @field_validator("dataset_uri", "output_uri")
     @classmethod

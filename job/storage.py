@@ -98,6 +98,7 @@ def _transfer_config():
 @contextmanager
 def _errors(uri: str) -> Iterator[None]:
     """Turn boto3 and OS errors into a StorageError naming the object."""
+    from boto3.exceptions import Boto3Error
     from botocore.exceptions import BotoCoreError, ClientError, NoCredentialsError
 
     try:
@@ -110,6 +111,11 @@ def _errors(uri: str) -> Iterator[None]:
         raise StorageError(f"{uri}: {code}: {reason}", permanent=code in PERMANENT_CODES or status in (400, 403, 404)) from None
     except NoCredentialsError:
         raise StorageError(f"{uri}: no S3 credentials found (set AWS_* variables or use workload identity)", permanent=True) from None
+    except Boto3Error as error:
+        # s3transfer wraps the ClientError of a failed upload/download into its own type.
+        reason = str(error).split("An error occurred ", 1)[-1]
+        code = reason.removeprefix("(").split(")", 1)[0]
+        raise StorageError(f"{uri}: {reason}", permanent=code in PERMANENT_CODES) from None
     except BotoCoreError as error:
         # Connection failures arrive here after boto3's retries are spent.
         raise StorageError(f"{uri}: {type(error).__name__}: {error}") from None
@@ -222,3 +228,29 @@ def read_bytes(uri: str) -> bytes | None:
                 raise
         path = local_path(uri)
         return path.read_bytes() if path.exists() else None
+
+
+def list_keys(uri: str) -> list[str]:
+    """Every object under a prefix, as paths relative to it (empty when there are none)."""
+    if not is_s3(uri):
+        root = local_path(uri)
+        return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    bucket, prefix = _split(uri)
+    prefix = prefix.rstrip("/") + "/" if prefix else ""
+    keys = []
+    with _errors(uri):
+        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
+            keys.extend(item["Key"][len(prefix):] for item in page.get("Contents", []))
+    return sorted(keys)
+
+
+def delete_prefix(uri: str) -> None:
+    """Delete every object under a prefix (old checkpoints)."""
+    if not is_s3(uri):
+        shutil.rmtree(local_path(uri), ignore_errors=True)
+        return
+    bucket, prefix = _split(uri)
+    keys = [f"{prefix.rstrip('/')}/{k}" for k in list_keys(uri)]
+    with _errors(uri):
+        for start in range(0, len(keys), 1000):  # DeleteObjects takes at most 1,000 keys
+            client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": k} for k in keys[start:start + 1000]], "Quiet": True})

@@ -3,11 +3,13 @@ prompt is masked and the answer plus its end-of-turn token carry the loss."""
 
 import json
 import math
+import signal
 import sys
 import time
 from pathlib import Path
 
-from job.errors import DataError, NonFiniteLoss, OutOfMemory
+from job import checkpoint
+from job.errors import DataError, NonFiniteLoss, OutOfMemory, Terminated
 from job.logs import get_logger
 from job.settings import Settings
 
@@ -76,6 +78,7 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, engine: str = "
         fp16=cuda and not bf16,
         use_cpu=not cuda,
         logging_steps=train.logging_steps,
+        logging_nan_inf_filter=False,  # the default hides a NaN loss from the logs; we stop on it
         max_length=settings.model.max_seq_length,
         truncation_mode="keep_start",
         packing=plan["packing"],
@@ -85,7 +88,8 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, engine: str = "
         dataloader_pin_memory=cuda,
         completion_only_loss=True,
         include_num_input_tokens_seen="non_padding",
-        save_strategy="no",
+        save_strategy="no",  # saves are driven by the checkpoint callback (schedule, SIGTERM)
+        save_total_limit=settings.checkpoint.keep,
         report_to="none",
         disable_tqdm=not sys.stdout.isatty(),
         dataset_num_proc=None,
@@ -191,8 +195,10 @@ def steady_tokens_per_second(steps: list[tuple[float, int]]) -> float | None:
 
 
 def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settings, engine: str = "transformers",
-                  mean_row_tokens: float | None = None) -> dict:
-    """Fine-tune the LoRA adapters on the dataset, save them to adapter_dir, and return metrics."""
+                  mean_row_tokens: float | None = None, run_uri: str | None = None, resume_from: Path | None = None) -> dict:
+    """Fine-tune the LoRA adapters on the dataset, save them to adapter_dir, and return metrics.
+    With run_uri, checkpoints go to <run_uri>/checkpoints/ (on schedule and on SIGTERM, then exit 143);
+    resume_from continues a checkpoint (optimizer, scheduler, RNG, step)."""
     import torch
     from trl import SFTTrainer
 
@@ -202,9 +208,12 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
     plan = batch_plan(settings, engine, mean_row_tokens)
     args = sft_config(settings, work / "checkpoints", cuda, engine, mean_row_tokens)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=mean_row_tokens, **plan)
-    trainer = SFTTrainer(
-        model=model, processing_class=tokenizer, train_dataset=dataset, args=args, callbacks=[_progress_callback(holder)],
-    )
+    stop = checkpoint.StopRequest()
+    callbacks = [_progress_callback(holder)]
+    if run_uri is not None:
+        cp = settings.checkpoint
+        callbacks.append(checkpoint.checkpoint_callback(stop, run_uri, cp.every_steps, cp.every_minutes, cp.keep))
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args, callbacks=callbacks)
     # Our Progress callback logs through structlog; the Trainer's own printer would duplicate it as dicts.
     from transformers.trainer_callback import PrinterCallback
 
@@ -215,14 +224,23 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
+    previous = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
+    if run_uri is not None:
+        stop.install()
     try:
-        trainer.train()
+        trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
     except torch.OutOfMemoryError:
         raise OutOfMemory(
             f"out of GPU memory at step {trainer.state.global_step}: lower QLORA_TRAIN__PER_DEVICE_BATCH_SIZE "
             f"(now {settings.train.per_device_batch_size}) or QLORA_MODEL__MAX_SEQ_LENGTH"
         ) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous[0])
+        signal.signal(signal.SIGINT, previous[1])
     seconds = time.perf_counter() - started
+    if stop.signal is not None:
+        raise Terminated(f"stopped by {signal.Signals(stop.signal).name} at step {trainer.state.global_step}; "
+                         "checkpoint uploaded, a retry of this run resumes from it")
     if holder["non_finite"]:
         step, loss, grad_norm = holder["non_finite"]
         raise NonFiniteLoss(
@@ -237,6 +255,7 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
     tokens = int(trainer.state.num_input_tokens_seen)
     return {
         "steps": trainer.state.global_step,
+        "resumed_from": resume_from.name if resume_from else None,
         "rows": len(dataset),
         "loss_first": curve[0]["loss"] if curve else None,
         "loss_last": curve[-1]["loss"] if curve else None,

@@ -1,0 +1,112 @@
+"""Checkpoints: preemption-safe training.
+
+On SIGTERM or SIGINT training stops at the end of the current step, the Trainer saves a
+checkpoint (adapter, optimizer, scheduler, RNG state, step; the data position follows from
+the step), it is uploaded under <run_id>/checkpoints/, and the run exits 143. Checkpoints are
+also saved and uploaded every N steps or M minutes, keeping the newest K. A restarted pod
+resumes from the newest uploaded checkpoint that validates, falling back to older ones.
+
+Each uploaded checkpoint ends with a COMPLETE marker, written last: one without it is ignored."""
+
+import json
+import re
+import signal
+import time
+from pathlib import Path
+
+from job import storage
+from job.logs import get_logger
+
+log = get_logger(__name__)
+MARKER = "COMPLETE"
+NAME = re.compile(r"^checkpoint-(\d+)$")
+REQUIRED = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json")
+
+
+def checkpoints_uri(run_uri: str) -> str:
+    return storage.join(run_uri, "checkpoints")
+
+
+def _remote_checkpoints(run_uri: str) -> list[tuple[int, str]]:
+    """(step, name) of uploaded checkpoints that have their COMPLETE marker, newest first."""
+    complete = set()
+    for key in storage.list_keys(checkpoints_uri(run_uri)):
+        name, _, rest = key.partition("/")
+        if rest == MARKER and (match := NAME.match(name)):
+            complete.add((int(match.group(1)), name))
+    return sorted(complete, reverse=True)
+
+
+def _valid(folder: Path) -> bool:
+    from safetensors import safe_open
+
+    try:
+        state = json.loads((folder / "trainer_state.json").read_text())
+        with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as tensors:
+            next(iter(tensors.keys()))
+        return all((folder / name).exists() for name in REQUIRED) and state["global_step"] > 0
+    except (OSError, ValueError, KeyError, StopIteration, RuntimeError):
+        return False
+
+
+def fetch_latest_checkpoint(run_uri: str, work: Path) -> Path | None:
+    """Download the newest uploaded checkpoint of this run that validates; None when there is none."""
+    for step, name in _remote_checkpoints(run_uri):
+        local = work / "resume" / name
+        storage.fetch_prefix(storage.join(checkpoints_uri(run_uri), name), local)
+        if _valid(local):
+            log.info("resuming from checkpoint", checkpoint=name, step=step)
+            return local
+        log.warning("checkpoint does not validate; trying an older one", checkpoint=name)
+    return None
+
+
+def upload_checkpoint(folder: Path, run_uri: str, keep: int) -> None:
+    """Upload a local checkpoint folder, marker last, then drop uploaded ones beyond the newest `keep`."""
+    target = storage.join(checkpoints_uri(run_uri), folder.name)
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        storage.put_file(path, storage.join(target, path.relative_to(folder).as_posix()))
+    storage.put_if_absent(b"", storage.join(target, MARKER))
+    log.info("checkpoint uploaded", checkpoint=folder.name)
+    for _, name in _remote_checkpoints(run_uri)[keep:]:
+        storage.delete_prefix(storage.join(checkpoints_uri(run_uri), name))
+
+
+class StopRequest:
+    """Set by SIGTERM/SIGINT; training checks it at the end of every step."""
+
+    def __init__(self):
+        self.signal: int | None = None
+
+    def __call__(self, signum, frame) -> None:
+        if self.signal is None:
+            log.warning("stop requested; finishing the current step and saving a checkpoint", signal=signal.Signals(signum).name)
+        self.signal = signum
+
+    def install(self) -> None:
+        signal.signal(signal.SIGTERM, self)
+        signal.signal(signal.SIGINT, self)
+
+
+def checkpoint_callback(stop: StopRequest, run_uri: str, every_steps: int, every_minutes: float, keep: int):
+    """A TrainerCallback that saves on a stop request or on schedule, and uploads each save."""
+    from transformers import TrainerCallback
+
+    class Checkpointing(TrainerCallback):
+        def __init__(self):
+            self.last_save = time.monotonic()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            due_steps = every_steps and state.global_step % every_steps == 0
+            due_time = every_minutes and time.monotonic() - self.last_save >= every_minutes * 60
+            if stop.signal is not None:
+                control.should_save = True
+                control.should_training_stop = True
+            elif (due_steps or due_time) and state.global_step < state.max_steps:
+                control.should_save = True
+
+        def on_save(self, args, state, control, **kwargs):
+            self.last_save = time.monotonic()
+            upload_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", run_uri, keep)
+
+    return Checkpointing()
