@@ -70,6 +70,7 @@ def run(settings: Settings) -> ExitCode:
     dataset, stats = train.load_train_dataset(report.train_path, report.rejects_path, tokenizer, settings)
     report.accepted -= stats["rejected"]
     report.rejected += stats["rejected"]
+    report.first_rejects.extend(stats["first_rejects"])
     data.check_report(report, settings.data.max_reject_ratio)
     resume = checkpoint.fetch_latest_checkpoint(run_uri, work)
     metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen, stats["mean_row_tokens"],
@@ -113,6 +114,7 @@ def run(settings: Settings) -> ExitCode:
         log.warning("another pod published this run_id first; its manifest stands and ours was not written")
         return ExitCode.OK
     log.info("run published", manifest=storage.join(run_uri, publish.MANIFEST))
+    checkpoint.delete_checkpoints(run_uri)
     return ExitCode.OK
 
 

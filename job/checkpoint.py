@@ -72,6 +72,16 @@ def upload_checkpoint(folder: Path, run_uri: str, keep: int) -> None:
         storage.delete_prefix(storage.join(checkpoints_uri(run_uri), name))
 
 
+def delete_checkpoints(run_uri: str) -> None:
+    """After the manifest is written the checkpoints are dead weight; removing them is best effort."""
+    from job.errors import StorageError
+
+    try:
+        storage.delete_prefix(checkpoints_uri(run_uri))
+    except StorageError as error:
+        log.warning("could not delete the run's checkpoints", error=str(error))
+
+
 class StopRequest:
     """Set by SIGTERM/SIGINT; training checks it at the end of every step."""
 

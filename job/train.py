@@ -98,7 +98,7 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, engine: str = "
 
 def drop_overlength(dataset, tokenizer, max_length: int, mode: str, rejects_path: Path) -> tuple[object, int, int]:
     """Reject (appending to rejects.jsonl) or keep-for-truncation rows longer than max_length tokens.
-    Returns (dataset, rejected, truncated)."""
+    Returns (dataset, rejected count, truncated count, the first rejects)."""
 
     def measure(row):
         ids = tokenizer.apply_chat_template(row["prompt"] + row["completion"], tokenize=True, return_dict=False)
@@ -106,17 +106,19 @@ def drop_overlength(dataset, tokenizer, max_length: int, mode: str, rejects_path
 
     dataset = dataset.map(measure, desc="Measuring rows")
     long_rows = dataset.filter(lambda row: row["n_tokens"] > max_length)
-    rejected = truncated = 0
+    rejected, truncated, first = 0, 0, []
     if len(long_rows) and mode == "reject":
         with open(rejects_path, "a", encoding="utf-8") as f:
             for row in long_rows:
-                reason = f"{row['n_tokens']} tokens is longer than QLORA_MODEL__MAX_SEQ_LENGTH={max_length}"
-                f.write(json.dumps({"line": row["line"], "reason": reason}) + "\n")
+                reject = {"line": row["line"], "reason": f"{row['n_tokens']} tokens is longer than QLORA_MODEL__MAX_SEQ_LENGTH={max_length}"}
+                f.write(json.dumps(reject) + "\n")
+                if len(first) < 20:
+                    first.append(reject)
         rejected = len(long_rows)
         dataset = dataset.filter(lambda row: row["n_tokens"] <= max_length)
     else:
         truncated = len(long_rows)
-    return dataset, rejected, truncated
+    return dataset, rejected, truncated, first
 
 
 def check_labels(trainer, eos_token_id: int) -> dict:
@@ -177,11 +179,11 @@ def load_train_dataset(train_path: Path, rejects_path: Path, tokenizer, settings
 
     cache = train_path.parent / "hf-datasets"
     dataset = load_dataset("json", data_files=str(train_path), split="train", cache_dir=str(cache))
-    dataset, rejected, truncated = drop_overlength(
+    dataset, rejected, truncated, first = drop_overlength(
         dataset, tokenizer, settings.model.max_seq_length, settings.data.overlength, rejects_path
     )
     mean_tokens = sum(dataset["n_tokens"]) / len(dataset) if len(dataset) else 0.0
-    stats = {"rejected": rejected, "truncated": truncated, "mean_row_tokens": round(mean_tokens, 1)}
+    stats = {"rejected": rejected, "truncated": truncated, "mean_row_tokens": round(mean_tokens, 1), "first_rejects": first}
     return dataset.remove_columns(["line", "n_tokens"]), stats
 
 

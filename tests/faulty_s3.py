@@ -16,6 +16,7 @@ class FaultyS3:
         self.every = 0  # inject a 503 on every n-th request (0: never)
         self.down_after_put_matching: str | None = None  # once a PUT path contains this, fail everything
         self.down = False
+        self.deny = False  # answer every request 403 AccessDenied
         self.requests = self.injected = 0
         self.lock = threading.Lock()
         proxy = self
@@ -32,6 +33,15 @@ class FaultyS3:
                     if proxy.down_after_put_matching and self.command == "PUT" and proxy.down_after_put_matching in self.path:
                         proxy.down = True
                     proxy.injected += bool(fail)
+                if proxy.deny:
+                    denied = b"<Error><Code>AccessDenied</Code><Message>Access Denied</Message></Error>"
+                    self.send_response(403)
+                    self.send_header("Content-Type", "application/xml")
+                    self.send_header("Content-Length", str(len(denied)))
+                    self.end_headers()
+                    if self.command != "HEAD":
+                        self.wfile.write(denied)
+                    return
                 if fail:
                     self.send_response(503)
                     self.send_header("Content-Type", "application/xml")

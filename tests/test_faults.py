@@ -66,6 +66,8 @@ def test_sigterm_at_random_steps_checkpoints_and_the_retry_resumes_to_the_same_s
         verify = json.loads(s3.get_object(Bucket=bucket, Key=f"runs/{run_id}/verify.json")["Body"].read())
         assert metrics["resumed_from"] == f"checkpoint-{saved}" and metrics["steps"] == STEPS and verify["passed"]
         assert metrics["loss_curve"][0]["step"] == saved + 1, "training continued where the checkpoint left off"
+        left = [o["Key"] for o in s3.list_objects_v2(Bucket=bucket, Prefix=f"runs/{run_id}/checkpoints/").get("Contents", [])]
+        assert left == [], "checkpoints are removed once the manifest is written"
         print(f"trial {trial}: SIGTERM at step {at}, checkpoint-{saved}, resumed to {metrics['steps']}")
 
 
@@ -148,3 +150,23 @@ def test_s3_gone_during_upload_exits_10_without_manifest_and_a_restart_completes
     again = run_job(env=env)
     assert again.returncode == 0, again.stderr
     assert s3.head_object(Bucket=bucket, Key="runs/gone/manifest.json")
+
+
+def test_no_secret_reaches_logs_manifest_metrics_or_termination_message(s3, bucket, job_env, tmp_path):
+    secrets = {"AWS_SECRET_ACCESS_KEY": "wJalrXUtnFEMI-K7MDENG-bPxRfiCYEXAMPLEKEY", "QLORA_HF_TOKEN": "hf_NotARealTokenButSecret1234"}
+    env = {**job_env, **secrets, "QLORA_RUN_ID": "secrets", "QLORA_TERMINATION_LOG": str(tmp_path / "termination-log"),
+           "QLORA_CHECKPOINT__EVERY_STEPS": "50", "QLORA_LOG_LEVEL": "debug"}
+    ok = run_job(env=env)
+    assert ok.returncode == 0, ok.stderr
+    failed = run_job(env={**env, "QLORA_RUN_ID": "secrets-fail", "QLORA_DATASET_URI": f"s3://{bucket}/absent.jsonl"})
+    assert failed.returncode == 2
+    outputs = [ok.stdout, ok.stderr, failed.stdout, failed.stderr, (tmp_path / "termination-log").read_text()]
+    for item in s3.list_objects_v2(Bucket=bucket, Prefix="runs/").get("Contents", []):
+        outputs.append(s3.get_object(Bucket=bucket, Key=item["Key"])["Body"].read().decode("utf-8", "replace"))
+    config = run_job("config", env=env)
+    outputs += [config.stdout, config.stderr]
+    assert len(outputs) > 15  # adapter files, metrics, verify, manifest, checkpoints, logs
+    for value in secrets.values():
+        assert not any(value in text for text in outputs), value
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="runs/secrets/manifest.json")["Body"].read())
+    assert manifest["settings"]["hf_token"] == "**********"
