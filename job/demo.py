@@ -17,6 +17,8 @@ from job.tiny import SAMPLE_DATA, make_tiny_model
 # The tiny random model needs a higher learning rate than a real one (2e-4) to
 # learn anything in a few hundred steps: 300 steps x 8 rows = 2,400 rows, ~37 epochs.
 DEMO_SETTINGS = {
+    # 8 rows a step: the fast recipe's 16k-token budget would put all 64 rows in every step.
+    "QLORA_TRAIN__PER_DEVICE_BATCH_SIZE": "8",
     "QLORA_TRAIN__MAX_STEPS": os.environ.get("DEMO_STEPS", "300"),
     "QLORA_TRAIN__LEARNING_RATE": "1e-2",
     "QLORA_TRAIN__LOGGING_STEPS": "25",
