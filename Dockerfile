@@ -6,7 +6,8 @@
 #   --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:<digest>
 # so that a mirror can be swapped in. Air-gapped: put wheels in wheelhouse/ (see its README).
 
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04
+# Digest as published for this tag (multi-arch index); could not be pulled from this build machine.
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:ac55d124da4882b497f732d8dfd9a702d5447a5f29d08d56da6f64f0a1eb34bc
 ARG CPU_IMAGE=python:3.12-slim-bookworm
 ARG TORCH_VERSION=2.13.0
 ARG CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
