@@ -3,6 +3,7 @@ share of requests, or every request refused once a trigger is hit (the store goi
 
 import http.client
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from urllib.parse import urlparse
 
@@ -17,6 +18,7 @@ class FaultyS3:
         self.down_after_put_matching: str | None = None  # once a PUT path contains this, fail everything
         self.down = False
         self.deny = False  # answer every request 403 AccessDenied
+        self.delay = 0.0  # seconds added to every request (a slow store)
         self.requests = self.injected = 0
         self.lock = threading.Lock()
         proxy = self
@@ -26,6 +28,7 @@ class FaultyS3:
                 pass
 
             def _handle(self):
+                time.sleep(proxy.delay)
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
                 with proxy.lock:
                     proxy.requests += 1

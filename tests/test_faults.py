@@ -125,8 +125,9 @@ def faulty(s3_endpoint):
     proxy.close()
 
 
-def test_erroring_s3_recovers_through_retries(s3, bucket, job_env, faulty):
+def test_slow_and_erroring_s3_recovers_through_retries(s3, bucket, job_env, faulty):
     faulty.every = 3  # one request in three answers 503 SlowDown
+    faulty.delay = 0.2  # and every request takes 200 ms more
     result = run_job(env={**job_env, "QLORA_RUN_ID": "flaky", "AWS_ENDPOINT_URL_S3": faulty.url})
     assert result.returncode == 0, result.stderr + result.stdout[-3000:]
     assert faulty.injected >= 4
@@ -170,3 +171,21 @@ def test_no_secret_reaches_logs_manifest_metrics_or_termination_message(s3, buck
         assert not any(value in text for text in outputs), value
     manifest = json.loads(s3.get_object(Bucket=bucket, Key="runs/secrets/manifest.json")["Body"].read())
     assert manifest["settings"]["hf_token"] == "**********"
+
+
+def test_a_full_work_disk_gives_a_clear_error_and_publishes_nothing(s3, bucket, job_env, tmp_path):
+    # A 64 KiB tmpfs as the work folder; the dataset alone does not fit. Needs root (CI runs as root).
+    body = "".join(json.dumps({"instruction": f"Q{i}", "output": "A" * 200}) + "\n" for i in range(400))
+    s3.put_object(Bucket=bucket, Key="data/big.jsonl", Body=body.encode())
+    work = tmp_path / "small-disk"
+    work.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=64k", "tmpfs", str(work)], check=True)
+    try:
+        result = run_job(env={**job_env, "QLORA_RUN_ID": "full", "QLORA_WORK_DIR": str(work),
+                              "QLORA_DATASET_URI": f"s3://{bucket}/data/big.jsonl"})
+    finally:
+        subprocess.run(["umount", str(work)], check=True)
+    assert result.returncode == ExitCode.STORAGE, result.stderr
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and "No space left on device" in lines[0] and "Traceback" not in result.stdout, result.stderr
+    assert not s3.list_objects_v2(Bucket=bucket, Prefix="runs/full/").get("Contents")
