@@ -156,19 +156,11 @@ def fetch_prefix(uri: str, dest: Path) -> Path:
         with _errors(uri):
             shutil.copytree(local_path(uri), dest, dirs_exist_ok=True)
         return dest
-    bucket, prefix = _split(uri)
-    prefix = prefix.rstrip("/") + "/" if prefix else ""
-    found = 0
-    with _errors(uri):
-        for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            for item in page.get("Contents", []):
-                relative = item["Key"][len(prefix):]
-                if not relative or relative.endswith("/"):
-                    continue
-                fetch_file(f"s3://{bucket}/{item['Key']}", dest / relative)
-                found += 1
-    if not found:
+    keys = [key for key in list_keys(uri) if key and not key.endswith("/")]  # "folder/" placeholders hold nothing
+    if not keys:
         raise StorageError(f"{uri}: no objects under this prefix", permanent=True)
+    for key in keys:
+        fetch_file(join(uri, key), dest / key)
     return dest
 
 

@@ -53,13 +53,14 @@ def batch_plan(settings: Settings, engine: str, mean_row_tokens: float | None = 
             "sampling": sampling}
 
 
-def sft_config(settings: Settings, output_dir: Path, cuda: bool, engine: str = "transformers", mean_row_tokens: float | None = None):
-    """Trainer arguments from settings: the seed tutorial's hyperparameters, the recipe's batch shape."""
+def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: dict | None = None):
+    """Trainer arguments from settings: the seed tutorial's hyperparameters, the batch plan's shape
+    (default: batch_plan for the transformers engine)."""
     import torch
     from trl import SFTConfig
 
     train = settings.train
-    plan = batch_plan(settings, engine, mean_row_tokens)
+    plan = plan or batch_plan(settings, "transformers")
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return SFTConfig(
         output_dir=str(output_dir),
@@ -208,7 +209,7 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
     work = adapter_dir.parent
     holder: dict = {"curve": [], "steps": [], "non_finite": None, "start": time.perf_counter()}
     plan = batch_plan(settings, engine, mean_row_tokens)
-    args = sft_config(settings, work / "checkpoints", cuda, engine, mean_row_tokens)
+    args = sft_config(settings, work / "checkpoints", cuda, plan)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=mean_row_tokens, **plan)
     stop = checkpoint.StopRequest()
     callbacks = [_progress_callback(holder)]
