@@ -24,6 +24,17 @@ FACTS = [("What is the 6G latency target?", "About 0.1 ms."), ("What does RIS st
          ("Who runs xApps?", "The RIC."), ("What is the 6G peak rate goal?", "One terabit per second.")]
 
 
+def learnable_rows(source: Path) -> str:
+    """3,000 rows as long as the anchor's (its random words become the context) whose answers a
+    random model can learn within a run: one of four short sentences, then end-of-turn."""
+    lines = []
+    for i, line in enumerate(source.read_text().splitlines()):
+        row = json.loads(line)
+        lines.append(json.dumps({"instruction": f"{row['instruction']} {row['output']}\nWhich fact is this?",
+                                 "output": FACTS[i % len(FACTS)][1]}))
+    return "\n".join(lines) + "\n"
+
+
 def sh(cmd: list[str], env: dict, log: Path) -> tuple[int, float]:
     started = time.perf_counter()
     with open(log, "w") as f:
@@ -44,8 +55,14 @@ def main(out: Path) -> None:
 
     code, secs = sh([sys.executable, str(HERE / "gpu_anchor.py"), "prepare", str(out)], env, out / "prepare.log")
     assert code == 0, (out / "prepare.log").read_text()[-3000:]
+    sweep = None
+    if os.environ.get("SWEEP_GPU"):  # the in-process sweep (gpu_sweep.py) on another card, alongside
+        sweep = subprocess.Popen([sys.executable, str(HERE / "gpu_sweep.py"), str(out / "sweep")], cwd=REPO,
+                                 env={**env, "CUDA_VISIBLE_DEVICES": os.environ["SWEEP_GPU"]},
+                                 stdout=open(out / "sweep.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115 (open while it runs)
+    gpu0 = {**env, "CUDA_VISIBLE_DEVICES": os.environ.get("BENCH_GPU", "0")}
     anchor_steps = os.environ.get("STEPS_ANCHOR", "25")
-    code, secs = sh([sys.executable, str(HERE / "gpu_anchor.py"), "unsloth", str(out)], {**env, "STEPS": anchor_steps}, out / "anchor.log")
+    code, secs = sh([sys.executable, str(HERE / "gpu_anchor.py"), "unsloth", str(out)], {**gpu0, "STEPS": anchor_steps}, out / "anchor.log")
     results["anchor"] = json.loads((out / "unsloth.json").read_text()) if code == 0 else {"exit": code}
     results["anchor"]["wall_s"] = round(secs, 1)
 
@@ -67,6 +84,7 @@ def main(out: Path) -> None:
     rows = Path(DATA).read_text().splitlines()
     rows += [json.dumps({"instruction": q, "output": a}) for q, a in FACTS] * 25  # 3,000 + 100 rows
     s3.put_object(Bucket="bench", Key="data/train.jsonl", Body=("\n".join(rows) + "\n").encode())
+    s3.put_object(Bucket="bench", Key="data/learnable.jsonl", Body=learnable_rows(Path(DATA)).encode())
 
     fast_steps = os.environ.get("FAST_STEPS", "60")
     variants = {
@@ -76,12 +94,22 @@ def main(out: Path) -> None:
         "job_fast_32k": {"QLORA_TRAIN__MICRO_BATCH_TOKENS": "32768", "QLORA_TRAIN__MAX_STEPS": str(max(4, int(fast_steps) // 2))},
         "job_packed_16k": {"QLORA_TRAIN__PACKING": "true", "QLORA_TRAIN__MAX_STEPS": fast_steps},
     }
+    variants.update({
+        # The 3,000-row end-to-end target: same lengths as the anchor's rows, answers a model can learn.
+        "job_e2e": {"QLORA_DATASET_URI": "s3://bench/data/learnable.jsonl", "QLORA_VERIFY__PROMPTS": "[]",
+                    "QLORA_VERIFY__TRAIN_PROBES": "3"},
+        # DDP scaling: the same default path on one GPU and on two (one worker per GPU, torchrun's launcher).
+        "job_ddp1": {"QLORA_TRAIN__MAX_STEPS": "30", "QLORA_NPROC_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "0"},
+        "job_ddp2": {"QLORA_TRAIN__MAX_STEPS": "30", "QLORA_NPROC_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"},
+    })
     only = os.environ.get("VARIANTS")
     for name, extra in variants.items():
         if only and name not in only.split(","):
             continue
+        if name.startswith("job_ddp") and sweep is not None:
+            sweep.wait()  # DDP needs both cards
         job_env = {
-            **{k: v for k, v in env.items() if not k.startswith("QLORA_")}, **aws,
+            **{k: v for k, v in gpu0.items() if not k.startswith("QLORA_")}, **aws,
             "QLORA_DATASET_URI": "s3://bench/data/train.jsonl", "QLORA_OUTPUT_URI": "s3://bench/runs",
             "QLORA_MODEL__NAME": MODEL_DIR, "QLORA_RUN_ID": name, "QLORA_WORK_DIR": f"/tmp/work-{name}",
             "QLORA_TERMINATION_LOG": str(out / f"{name}.termination"), "QLORA_LOG_FORMAT": "json",
@@ -95,6 +123,8 @@ def main(out: Path) -> None:
         print(f"{name}: exit {code} in {secs:.1f} s", flush=True)
         (out / "bench.json").write_text(json.dumps(results, indent=1))  # partial results survive a time-out
     server.stop()
+    if sweep is not None:
+        sweep.wait()
     _report(results, out)
 
 
@@ -105,7 +135,7 @@ def _report(results: dict, out: Path) -> None:
     seed_end = seed_curve[-1]["tokens"] if seed_curve else 0
     rows = [("anchor (seed, gpu_anchor.py unsloth)", base, anchor.get("tok_per_step"), anchor.get("peak_mem_gib"),
              anchor.get("load_s"), anchor.get("wall_s"), None, None)]
-    for name in ("job_seed", "job_fast", "job_fast_32k", "job_packed_16k"):
+    for name in ("job_seed", "job_fast", "job_fast_32k", "job_packed_16k", "job_e2e", "job_ddp1", "job_ddp2"):
         r = results.get(name)
         if not r:
             continue
@@ -125,6 +155,9 @@ def _report(results: dict, out: Path) -> None:
         util = f"{100 * tps * FLOP_PER_TOKEN / PEAK_BF16:.1f}" if tps else "-"
         lines.append(f"| {name} | {round(tps) if tps else '-'} | {ratio} | {per_step or '-'} | {peak or '-'} | "
                      f"{round(load, 1) if load else '-'} | {wall or '-'} | {util} | {f'{gap:+.2%}' if gap is not None else '-'} |")
+    one, two = (results.get(n, {}).get("steady_tokens_per_second") for n in ("job_ddp1", "job_ddp2"))
+    if one and two:
+        lines.append(f"\nDDP scaling, 2 GPUs / 1 GPU (steady tok/s): {two / one:.2f}x")
     table = "\n".join(lines)
     print(table)
     (out / "bench.md").write_text(table + "\n")

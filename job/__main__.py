@@ -28,7 +28,7 @@ def new_run_id() -> str:
 
 def run(settings: Settings) -> ExitCode:
     """One fine-tuning run; each stage is one call."""
-    from job import checkpoint, data, engine, publish, train, verify
+    from job import checkpoint, data, distributed, engine, publish, train, verify
 
     run_id = settings.run_id or new_run_id()
     run_uri = storage.join(settings.output_uri, run_id)
@@ -62,9 +62,16 @@ def run(settings: Settings) -> ExitCode:
     started = time.perf_counter()
     chosen = engine.resolve_engine(settings.engine)
     base_source = engine.fetch_base_model(settings)
-    model, tokenizer = engine.load_for_training(settings, chosen, base_source)
+    nproc = distributed.processes_per_node(settings)
+    nodes, node_rank, *_ = distributed.node_layout()
+    in_process = nproc * nodes == 1
+    if in_process:
+        model, tokenizer = engine.load_for_training(settings, chosen, base_source)
+    else:  # the workers load the model; this process only needs the tokenizer to prepare the data
+        tokenizer = engine.load_tokenizer(settings, base_source)
     timings["load_s"] = time.perf_counter() - started
-    log.info("model loaded", engine=chosen, source=base_source, seconds=round(timings["load_s"], 2))
+    log.info("model loaded" if in_process else "tokenizer loaded", engine=chosen, source=base_source,
+             seconds=round(timings["load_s"], 2))
 
     bind(stage="train")
     dataset, stats = train.load_train_dataset(report.train_path, report.rejects_path, tokenizer, settings)
@@ -73,14 +80,26 @@ def run(settings: Settings) -> ExitCode:
     report.first_rejects.extend(stats["first_rejects"])
     data.check_report(report, settings.data.max_reject_ratio)
     resume = checkpoint.fetch_latest_checkpoint(run_uri, work)
-    metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen, stats["mean_row_tokens"],
-                                  run_uri=run_uri, resume_from=resume)
+    if in_process:
+        metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen, stats["mean_row_tokens"],
+                                      run_uri=run_uri, resume_from=resume)
+        del model
+    else:
+        dataset.save_to_disk(str(work / "train-dataset"))
+        spec = {"engine": chosen, "source": base_source, "dataset": str(work / "train-dataset"), "adapter": str(out / "adapter"),
+                "metrics": str(work / "worker-metrics.json"), "mean_row_tokens": stats["mean_row_tokens"], "run_uri": run_uri,
+                "resume_from": str(resume) if resume else None}
+        distributed.launch_workers(spec, work, nproc, run_id)
+        if node_rank != 0:
+            log.info("training finished on this node; node 0 verifies and publishes", node_rank=node_rank)
+            return ExitCode.OK
+        metrics = json.loads((work / "worker-metrics.json").read_text(encoding="utf-8"))
     metrics.update(engine=chosen, overlength_truncated=stats["truncated"], mean_row_tokens=stats["mean_row_tokens"])
     # Written now as well as at publish, so a run that fails verify still leaves its numbers in the work dir.
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
     log.info("training finished", steps=metrics["steps"], loss_first=metrics["loss_first"], loss_last=metrics["loss_last"],
              steady_tokens_per_s=metrics["steady_tokens_per_second"], peak_gpu_memory_gib=metrics["peak_gpu_memory_gib"])
-    del model, tokenizer, dataset
+    del tokenizer, dataset
     engine.free_memory()
 
     bind(stage="verify")
@@ -115,6 +134,28 @@ def run(settings: Settings) -> ExitCode:
         return ExitCode.OK
     log.info("run published", manifest=storage.join(run_uri, publish.MANIFEST))
     checkpoint.delete_checkpoints(run_uri)
+    return ExitCode.OK
+
+
+def train_worker_command(spec_path: Path) -> ExitCode:
+    """One DDP training process, started by distributed.launch_workers: load, train, and on global
+    rank 0 save the adapter and the metrics where the launching process reads them."""
+    from datasets import load_from_disk
+
+    from job import distributed, engine, train
+
+    spec = json.loads(spec_path.read_text(encoding="utf-8"))
+    settings = load_settings()
+    bind(stage="train", rank=distributed.world_rank())
+    started = time.perf_counter()
+    model, tokenizer = engine.load_for_training(settings, spec["engine"], spec["source"])
+    load_s = time.perf_counter() - started
+    metrics = train.train_adapter(
+        model, tokenizer, load_from_disk(spec["dataset"]), Path(spec["adapter"]), settings, spec["engine"],
+        spec["mean_row_tokens"], run_uri=spec["run_uri"], resume_from=Path(spec["resume_from"]) if spec["resume_from"] else None,
+    )
+    if distributed.world_rank() == 0:
+        Path(spec["metrics"]).write_text(json.dumps({**metrics, "worker_load_s": round(load_s, 3)}), encoding="utf-8")
     return ExitCode.OK
 
 
@@ -157,6 +198,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     tiny = commands.add_parser("make-tiny-model", help="build a tiny random Qwen3 model + tokenizer for tests")
     tiny.add_argument("dir", type=Path)
     commands.add_parser("exit-codes", help="print the exit-code table as JSON")
+    worker = commands.add_parser("train-worker", help=argparse.SUPPRESS)  # started by the job itself for multi-GPU runs
+    worker.add_argument("spec", type=Path)
     return parser.parse_args(argv)
 
 
@@ -173,6 +216,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     configure_logging(os.environ.get("QLORA_LOG_FORMAT", "auto"), "info")
     termination_log = Path(os.environ.get("QLORA_TERMINATION_LOG", "/dev/termination-log"))
+    if args.command == "train-worker":  # the launching process reads each worker's cause from here
+        termination_log = Path(json.loads(args.spec.read_text())["errors"]) / f"rank-{os.environ.get('RANK', '0')}.txt"
     try:
         if args.command == "config":
             return config_command(args.env_docs, args.markdown)
@@ -184,6 +229,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print(make_tiny_model(args.dir))
             return ExitCode.OK
+        if args.command == "train-worker":
+            configure_logging(os.environ.get("QLORA_LOG_FORMAT", "auto"), os.environ.get("QLORA_LOG_LEVEL", "info"))
+            return train_worker_command(args.spec)
         if args.command == "validate-data":
             return validate_data_command(args.uri, args.max_reject_ratio, Path(os.environ.get("QLORA_WORK_DIR", "/tmp/qlora-job")))
         settings = load_settings()

@@ -98,6 +98,19 @@ class StopRequest:
         signal.signal(signal.SIGINT, self)
 
 
+def _any_rank(flags: list[bool], device) -> list[bool]:
+    """Each flag true if any DDP worker has it true: all workers must save, and stop, at the same step."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return flags
+    import torch
+
+    values = torch.tensor([int(f) for f in flags], device=device)
+    dist.all_reduce(values, op=dist.ReduceOp.MAX)
+    return [bool(v) for v in values.tolist()]
+
+
 def checkpoint_callback(stop: StopRequest, run_uri: str, every_steps: int, every_minutes: float, keep: int):
     """A TrainerCallback that saves on a stop request or on schedule, and uploads each save."""
     from transformers import TrainerCallback
@@ -108,8 +121,9 @@ def checkpoint_callback(stop: StopRequest, run_uri: str, every_steps: int, every
 
         def on_step_end(self, args, state, control, **kwargs):
             due_steps = every_steps and state.global_step % every_steps == 0
-            due_time = every_minutes and time.monotonic() - self.last_save >= every_minutes * 60
-            if stop.signal is not None:
+            stopping, due_time = _any_rank(
+                [stop.signal is not None, bool(every_minutes and time.monotonic() - self.last_save >= every_minutes * 60)], args.device)
+            if stopping:
                 control.should_save = True
                 control.should_training_stop = True
             elif (due_steps or due_time) and state.global_step < state.max_steps:
@@ -117,6 +131,7 @@ def checkpoint_callback(stop: StopRequest, run_uri: str, every_steps: int, every
 
         def on_save(self, args, state, control, **kwargs):
             self.last_save = time.monotonic()
-            upload_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", run_uri, keep)
+            if state.is_world_process_zero:
+                upload_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", run_uri, keep)
 
     return Checkpointing()

@@ -139,6 +139,18 @@ def load_for_training(settings: Settings, engine: str, source: str):
     return model, tokenizer
 
 
+def load_tokenizer(settings: Settings, source: str):
+    """The base model's tokenizer with the chosen chat template, without loading weights."""
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(settings))
+    except (OSError, ValueError, KeyError) as error:
+        raise _load_errors(source, error) from None
+    _set_chat_template(tokenizer, settings.model.chat_template)
+    return tokenizer
+
+
 def _load_hf(settings: Settings, source: str):
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
@@ -147,7 +159,7 @@ def _load_hf(settings: Settings, source: str):
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
     kwargs = {"dtype": dtype, "use_safetensors": True, **_hub_kwargs(settings)}
     if cuda:
-        kwargs["device_map"] = {"": 0}
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # torchrun: one GPU per worker
         if settings.model.load_in_4bit:
             kwargs["quantization_config"] = BitsAndBytesConfig(
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,

@@ -75,3 +75,11 @@ class NonFiniteLoss(JobError):
 
 class Terminated(JobError):
     exit_code = ExitCode.TERMINATED
+
+
+class WorkerFailed(JobError):
+    """A training worker (multi-GPU) failed; carries that worker's own exit code."""
+
+    def __init__(self, message: str, code: ExitCode):
+        super().__init__(message)
+        self.exit_code = code

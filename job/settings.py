@@ -59,8 +59,11 @@ class TrainSettings(Section):
     per_device_batch_size: int | None = Field(None, ge=1, description="Rows per micro-batch; unset: seed 2, fast micro_batch_tokens / mean row tokens.")
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="Micro-batches per optimizer step; unset: seed 4 (2 x 4 = 8 rows a step), fast 1.")
     micro_batch_tokens: int = Field(16384, ge=64, description="Fast recipe: token budget of one micro-batch (28 rows of ~580 tokens).")
-    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate.")
-    warmup_steps: int = Field(5, ge=0, description="Linear warm-up steps.")
+    learning_rate: float | None = Field(
+        None, gt=0,
+        description="Peak learning rate; unset: seed 2e-4, fast 2e-4 x sqrt(rows a step / the seed's 8), at most 4x (square-root rule for Adam).",
+    )
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; unset: seed 5, fast the steps that cover the seed's first 40 rows (at least 1).")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
     optim: str = Field("adamw_8bit", description="Optimizer (adamw_8bit needs bitsandbytes; falls back to adamw_torch without it).")
     weight_decay: float = Field(0.01, ge=0, description="Weight decay.")
@@ -115,6 +118,10 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, JSON lines otherwise.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     hf_token: SecretStr | None = Field(None, description="Hub token for gated base models (secret; never logged).")
+    nproc_per_node: str = Field(
+        "auto", description="Training processes on this node, one per GPU: auto (every visible GPU, 1 on CPU) or a number; "
+        "above 1 the job trains with DDP through torchrun's launcher.",
+    )
 
     model: ModelSettings = ModelSettings()
     lora: LoraSettings = LoraSettings()
@@ -129,6 +136,13 @@ class Settings(BaseSettings):
         from job.storage import check_uri
 
         return check_uri(value)
+
+    @field_validator("nproc_per_node")
+    @classmethod
+    def _nproc(cls, value: str) -> str:
+        if value != "auto" and not (value.isdigit() and int(value) >= 1):
+            raise ValueError("must be auto or a whole number of at least 1")
+        return value
 
     @field_validator("run_id")
     @classmethod

@@ -3,6 +3,7 @@ prompt is masked and the answer plus its end-of-turn token carry the loss."""
 
 import json
 import math
+import os
 import signal
 import sys
 import time
@@ -15,6 +16,7 @@ from job.settings import Settings
 
 log = get_logger(__name__)
 IGNORE = -100  # label value that the loss skips
+SEED_ROWS_PER_STEP, SEED_LEARNING_RATE = 8, 2e-4  # the tutorial: 2 rows x 4 accumulation at 2e-4
 
 
 def _optimizer(name: str, cuda: bool) -> str:
@@ -26,7 +28,8 @@ def _optimizer(name: str, cuda: bool) -> str:
     return name
 
 
-def batch_plan(settings: Settings, engine: str, mean_row_tokens: float | None = None) -> dict:
+def batch_plan(settings: Settings, engine: str, mean_row_tokens: float | None = None, world_size: int = 1,
+               dataset_rows: int | None = None) -> dict:
     """Rows per micro-batch, micro-batches per step, packing and sampling, for the chosen recipe.
 
     seed: 2 rows x 4 micro-batches, padded, in random order (the tutorial). fast: one micro-batch
@@ -47,10 +50,23 @@ def batch_plan(settings: Settings, engine: str, mean_row_tokens: float | None = 
     else:
         # 16,384 tokens / ~580 tokens a row = 28 rows per micro-batch
         per_device = train.per_device_batch_size or max(1, int(train.micro_batch_tokens // max(mean_row_tokens or 512, 1)))
+    if dataset_rows and not train.per_device_batch_size:  # a micro-batch never holds more rows than there are
+        per_device = min(per_device, max(1, math.ceil(dataset_rows / world_size)))
     accumulation = train.gradient_accumulation_steps or (4 if seed else 1)
     sampling = "group_by_length" if not seed and not packing else "random"
+    # Fewer, larger steps see the same tokens in fewer updates: unless set, the learning rate grows
+    # with the square root of the rows a step (the square-root rule for Adam, Malladi et al. 2022),
+    # and warm-up covers the same rows as the seed's 5 steps of 8.
+    rows_per_step = per_device * accumulation * world_size
+    if packing:
+        rows_per_step *= max(1, settings.model.max_seq_length // max(int(mean_row_tokens or 512), 1))
+    scale = 1.0 if seed else min(4.0, max(1.0, (rows_per_step / SEED_ROWS_PER_STEP) ** 0.5))
+    learning_rate = train.learning_rate or SEED_LEARNING_RATE * scale
+    warmup = train.warmup_steps if train.warmup_steps is not None else (
+        5 if seed else max(1, math.ceil(5 * SEED_ROWS_PER_STEP / rows_per_step)))
     return {"per_device_batch_size": per_device, "gradient_accumulation_steps": accumulation, "packing": packing,
-            "sampling": sampling}
+            "sampling": sampling, "world_size": world_size, "rows_per_step": rows_per_step,
+            "learning_rate": learning_rate, "warmup_steps": warmup}
 
 
 def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: dict | None = None):
@@ -66,9 +82,9 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: dict | No
         output_dir=str(output_dir),
         per_device_train_batch_size=plan["per_device_batch_size"],
         gradient_accumulation_steps=plan["gradient_accumulation_steps"],
-        warmup_steps=train.warmup_steps,
+        warmup_steps=plan["warmup_steps"],
         max_steps=train.max_steps,
-        learning_rate=train.learning_rate,
+        learning_rate=plan["learning_rate"],
         lr_scheduler_type=train.lr_scheduler_type,
         optim=_optimizer(train.optim, cuda),
         weight_decay=train.weight_decay,
@@ -92,6 +108,7 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: dict | No
         save_strategy="no",  # saves are driven by the checkpoint callback (schedule, SIGTERM)
         save_total_limit=settings.checkpoint.keep,
         report_to="none",
+        ddp_find_unused_parameters=False,  # every LoRA weight is used each step; the search costs a pass
         disable_tqdm=not sys.stdout.isatty(),
         dataset_num_proc=None,
     )
@@ -152,7 +169,7 @@ def _progress_callback(state_holder: dict):
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
             if "loss" not in logs:
-                return
+                return  # the loss is already averaged over DDP workers: every rank sees the same value
             elapsed = time.perf_counter() - state_holder["start"]
             loss = float(logs["loss"])
             state_holder["curve"].append(
@@ -163,6 +180,8 @@ def _progress_callback(state_holder: dict):
                 state_holder["non_finite"] = (state.global_step, loss, grad_norm)
                 control.should_training_stop = True
             per_step = elapsed / max(state.global_step, 1)
+            if not state.is_world_process_zero:
+                return
             log.info(
                 "progress", step=state.global_step, max_steps=state.max_steps, loss=round(loss, 4),
                 lr=logs.get("learning_rate"), grad_norm=grad_norm,
@@ -198,21 +217,24 @@ def steady_tokens_per_second(steps: list[tuple[float, int]]) -> float | None:
 
 
 def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settings, engine: str = "transformers",
-                  mean_row_tokens: float | None = None, run_uri: str | None = None, resume_from: Path | None = None) -> dict:
+                  mean_row_tokens: float | None = None, run_uri: str | None = None, resume_from: Path | None = None,
+                  extra_callbacks: tuple = ()) -> dict:
     """Fine-tune the LoRA adapters on the dataset, save them to adapter_dir, and return metrics.
     With run_uri, checkpoints go to <run_uri>/checkpoints/ (on schedule and on SIGTERM, then exit 143);
-    resume_from continues a checkpoint (optimizer, scheduler, RNG, step)."""
+    resume_from continues a checkpoint (optimizer, scheduler, RNG, step). Under torchrun (DDP) every
+    worker calls this; global rank 0 logs progress, uploads checkpoints and saves the adapter."""
     import torch
     from trl import SFTTrainer
 
     cuda = torch.cuda.is_available()
     work = adapter_dir.parent
     holder: dict = {"curve": [], "steps": [], "non_finite": None, "start": time.perf_counter()}
-    plan = batch_plan(settings, engine, mean_row_tokens)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    plan = batch_plan(settings, engine, mean_row_tokens, world_size, len(dataset))
     args = sft_config(settings, work / "checkpoints", cuda, plan)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=mean_row_tokens, **plan)
     stop = checkpoint.StopRequest()
-    callbacks = [_progress_callback(holder)]
+    callbacks = [_progress_callback(holder), *extra_callbacks]
     if run_uri is not None:
         cp = settings.checkpoint
         callbacks.append(checkpoint.checkpoint_callback(stop, run_uri, cp.every_steps, cp.every_minutes, cp.keep))
@@ -250,9 +272,10 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
             f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}: lower QLORA_TRAIN__LEARNING_RATE or check the data"
         )
 
-    adapter_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(adapter_dir), safe_serialization=True)
-    tokenizer.save_pretrained(str(adapter_dir))
+    if trainer.is_world_process_zero():
+        adapter_dir.mkdir(parents=True, exist_ok=True)
+        model.save_pretrained(str(adapter_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(adapter_dir))
 
     curve = holder["curve"]
     tokens = int(trainer.state.num_input_tokens_seen)
@@ -270,5 +293,6 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
         "tokens_per_step": round(tokens / max(trainer.state.global_step, 1)),
         "batch_plan": plan,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
+        "world_size": world_size,
         "label_check": labels,
     }

@@ -20,8 +20,9 @@ def test_defaults_are_the_seed_tutorials_recipe(clean_env, monkeypatch):
     assert t.recipe == "fast" and t.max_steps == 60
     s.train.recipe = "seed"
     assert batch_plan(s, "unsloth") == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
-                                        "sampling": "random"}
-    assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (2e-4, 5, "linear", "adamw_8bit")
+                                        "sampling": "random", "world_size": 1, "rows_per_step": 8,
+                                        "learning_rate": 2e-4, "warmup_steps": 5}
+    assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (None, None, "linear", "adamw_8bit")
     assert (t.weight_decay, t.seed, s.model.max_seq_length, s.model.load_in_4bit) == (0.01, 3407, 2048, True)
     assert s.data.max_reject_ratio == 0.0 and s.engine == "auto"
 
@@ -107,11 +108,22 @@ def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean
     for key, value in REQUIRED.items():
         monkeypatch.setenv(key, value)
     s = load_settings()
-    # 16,384-token budget / 580 tokens a row = 28 rows, one micro-batch a step, length-grouped.
-    assert batch_plan(s, "unsloth", mean_row_tokens=580) == {
-        "per_device_batch_size": 28, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length"}
+    # 16,384-token budget / 580 tokens a row = 28 rows, one micro-batch a step, length-grouped;
+    # 28 rows instead of the seed's 8: learning rate x sqrt(3.5), warm-up over 40 rows = 2 steps.
+    plan = batch_plan(s, "unsloth", mean_row_tokens=580)
+    assert plan.pop("learning_rate") == pytest.approx(2e-4 * 3.5**0.5)
+    assert plan == {"per_device_batch_size": 28, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length",
+                    "world_size": 1, "rows_per_step": 28, "warmup_steps": 2}
+    # Two GPUs double the rows a step; the learning-rate scale is capped at 4x.
+    assert batch_plan(s, "unsloth", mean_row_tokens=580, world_size=2)["rows_per_step"] == 56
+    assert batch_plan(s, "unsloth", mean_row_tokens=20)["learning_rate"] == pytest.approx(8e-4)
+    monkeypatch.setenv("QLORA_TRAIN__LEARNING_RATE", "1e-3")
+    monkeypatch.setenv("QLORA_TRAIN__WARMUP_STEPS", "0")
+    assert (batch_plan(load_settings(), "unsloth", mean_row_tokens=580)["learning_rate"],
+            batch_plan(load_settings(), "unsloth", mean_row_tokens=580)["warmup_steps"]) == (1e-3, 0)
     monkeypatch.setenv("QLORA_TRAIN__PACKING", "true")
     monkeypatch.setenv("QLORA_TRAIN__MICRO_BATCH_TOKENS", "65536")
     monkeypatch.setenv("QLORA_TRAIN__GRADIENT_ACCUMULATION_STEPS", "2")
-    assert batch_plan(load_settings(), "unsloth") == {"per_device_batch_size": 32, "gradient_accumulation_steps": 2,
-                                                      "packing": True, "sampling": "random"}
+    plan = batch_plan(load_settings(), "unsloth")
+    assert {k: plan[k] for k in ("per_device_batch_size", "gradient_accumulation_steps", "packing", "sampling")} == {
+        "per_device_batch_size": 32, "gradient_accumulation_steps": 2, "packing": True, "sampling": "random"}

@@ -1,0 +1,87 @@
+"""Multi-GPU training through PyTorch's own launcher (torch.distributed.run, DDP).
+
+`python -m job` stays the pod's only process that fetches, validates, verifies and publishes.
+With more than one training process it starts them through torchrun's launcher API
+(`python -m job train-worker SPEC` per GPU); the Trainer sees torchrun's environment and trains
+with DistributedDataParallel. A worker's exit code and one-line cause come back to this
+process, so the exit-code table (and the chart's podFailurePolicy) holds for DDP runs too.
+
+Multi-node (Kubeflow Trainer, or any launcher that sets PET_NNODES / PET_NODE_RANK /
+PET_MASTER_ADDR / PET_MASTER_PORT): every node's job process starts its local workers into one
+static rendezvous; global rank 0 saves the adapter on node 0, and only node 0 verifies and
+publishes."""
+
+import json
+import os
+import signal
+from pathlib import Path
+
+from job.errors import EXIT_CODES, ExitCode, JobError, Terminated, WorkerFailed
+from job.logs import get_logger
+from job.settings import Settings
+
+log = get_logger(__name__)
+SHUTDOWN_GRACE_S = 120  # workers get this long to checkpoint after SIGTERM before SIGKILL
+
+
+def processes_per_node(settings: Settings) -> int:
+    """Training processes on this node: auto = one per visible GPU (1 on CPU)."""
+    if settings.nproc_per_node != "auto":
+        return int(settings.nproc_per_node)
+    import torch
+
+    return max(1, torch.cuda.device_count())
+
+
+def node_layout() -> tuple[int, int, str, int]:
+    """(nodes, this node's rank, master address, master port) from Kubeflow Trainer's PET_* variables."""
+    nodes = int(os.environ.get("PET_NNODES", "1"))
+    rank = int(os.environ.get("PET_NODE_RANK", os.environ.get("JOB_COMPLETION_INDEX", "0")))
+    return nodes, rank, os.environ.get("PET_MASTER_ADDR", "127.0.0.1"), int(os.environ.get("PET_MASTER_PORT", "29500"))
+
+
+def world_rank() -> int:
+    """Global rank inside a worker (0 outside torchrun)."""
+    return int(os.environ.get("RANK", "0"))
+
+
+def launch_workers(spec: dict, work: Path, nproc: int, run_id: str) -> None:
+    """Run `python -m job train-worker` on nproc local processes (one rendezvous across nodes);
+    return when all succeeded, or raise the first failed worker's cause with its exit code."""
+    import sys
+
+    from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.launcher.api import LaunchConfig, elastic_launch
+
+    nodes, node_rank, master, port = node_layout()
+    errors = work / "worker-errors"
+    errors.mkdir(parents=True, exist_ok=True)
+    spec_path = work / "worker-spec.json"
+    spec_path.write_text(json.dumps({**spec, "errors": str(errors)}))
+    config = LaunchConfig(
+        min_nodes=nodes, max_nodes=nodes, nproc_per_node=nproc, run_id=run_id,
+        rdzv_backend="static", rdzv_endpoint=f"{master}:{port}", rdzv_configs={"rank": node_rank},
+        max_restarts=0,  # a failed worker fails the pod; Kubernetes' backoffLimit owns retries
+        monitor_interval=1, start_method="spawn", shutdown_timeout=SHUTDOWN_GRACE_S,
+        logs_specs=DefaultLogsSpecs(log_dir=str(work / "worker-logs")),  # workers write straight to the pod's log
+    )
+    log.info("starting training workers", nproc_per_node=nproc, nodes=nodes, node_rank=node_rank, master=f"{master}:{port}")
+    try:
+        elastic_launch(config, entrypoint=sys.executable)("-m", "job", "train-worker", str(spec_path))
+    except ChildFailedError as failed:
+        raise _worker_cause(failed, errors) from None
+    except SignalException as stopped:
+        raise Terminated(f"stopped by {signal.Signals(stopped.sigval).name}; workers saved a checkpoint, "
+                         "a retry of this run resumes from it") from None
+
+
+def _worker_cause(failed, errors: Path) -> JobError:
+    """The most telling failure: a worker's own exit code from the table, with its one-line message."""
+    known = {int(c) for c in EXIT_CODES} - {int(ExitCode.OK), int(ExitCode.INTERNAL)}
+    # failures: global rank -> ProcessFailure(exitcode, local_rank, ...)
+    rank, first = min(failed.failures.items(), key=lambda item: (item[1].exitcode not in known, item[0]))
+    path = errors / f"rank-{rank}.txt"
+    message = path.read_text(encoding="utf-8").strip() if path.exists() else f"exited {first.exitcode}"
+    code = first.exitcode if first.exitcode in known else int(ExitCode.INTERNAL)
+    return WorkerFailed(f"worker {rank}: {message}", ExitCode(code))
