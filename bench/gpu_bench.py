@@ -29,9 +29,8 @@ def learnable_rows(source: Path) -> str:
     random model can learn within a run: one of four short sentences, then end-of-turn."""
     lines = []
     for i, line in enumerate(source.read_text().splitlines()):
-        row = json.loads(line)
-        lines.append(json.dumps({"instruction": f"{row['instruction']} {row['output']}\nWhich fact is this?",
-                                 "output": FACTS[i % len(FACTS)][1]}))
+        row, k = json.loads(line), i % len(FACTS)
+        lines.append(json.dumps({"instruction": f"{row['instruction']} {row['output']}\n{FACTS[k][0]}", "output": FACTS[k][1]}))
     return "\n".join(lines) + "\n"
 
 
@@ -98,15 +97,14 @@ def main(out: Path) -> None:
         # The 3,000-row end-to-end target: same lengths as the anchor's rows, answers a model can learn.
         "job_e2e": {"QLORA_DATASET_URI": "s3://bench/data/learnable.jsonl", "QLORA_VERIFY__PROMPTS": "[]",
                     "QLORA_VERIFY__TRAIN_PROBES": "3"},
-        # DDP scaling: the same default path on one GPU and on two (one worker per GPU, torchrun's launcher).
-        "job_ddp1": {"QLORA_TRAIN__MAX_STEPS": "30", "QLORA_NPROC_PER_NODE": "1", "CUDA_VISIBLE_DEVICES": "0"},
-        "job_ddp2": {"QLORA_TRAIN__MAX_STEPS": "30", "QLORA_NPROC_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"},
+        # DDP scaling: job_fast's settings on two GPUs (one worker per GPU, torchrun's launcher).
+        "job_ddp2": {"QLORA_TRAIN__MAX_STEPS": fast_steps, "QLORA_NPROC_PER_NODE": "2", "CUDA_VISIBLE_DEVICES": "0,1"},
     })
     only = os.environ.get("VARIANTS")
     for name, extra in variants.items():
         if only and name not in only.split(","):
             continue
-        if name.startswith("job_ddp") and sweep is not None:
+        if name.startswith("job_ddp") and sweep is not None and sweep.poll() is None:
             sweep.wait()  # DDP needs both cards
         job_env = {
             **{k: v for k, v in gpu0.items() if not k.startswith("QLORA_")}, **aws,
@@ -135,7 +133,7 @@ def _report(results: dict, out: Path) -> None:
     seed_end = seed_curve[-1]["tokens"] if seed_curve else 0
     rows = [("anchor (seed, gpu_anchor.py unsloth)", base, anchor.get("tok_per_step"), anchor.get("peak_mem_gib"),
              anchor.get("load_s"), anchor.get("wall_s"), None, None)]
-    for name in ("job_seed", "job_fast", "job_fast_32k", "job_packed_16k", "job_e2e", "job_ddp1", "job_ddp2"):
+    for name in ("job_seed", "job_fast", "job_fast_32k", "job_packed_16k", "job_e2e", "job_ddp2"):
         r = results.get(name)
         if not r:
             continue
@@ -155,9 +153,9 @@ def _report(results: dict, out: Path) -> None:
         util = f"{100 * tps * FLOP_PER_TOKEN / PEAK_BF16:.1f}" if tps else "-"
         lines.append(f"| {name} | {round(tps) if tps else '-'} | {ratio} | {per_step or '-'} | {peak or '-'} | "
                      f"{round(load, 1) if load else '-'} | {wall or '-'} | {util} | {f'{gap:+.2%}' if gap is not None else '-'} |")
-    one, two = (results.get(n, {}).get("steady_tokens_per_second") for n in ("job_ddp1", "job_ddp2"))
+    one, two = (results.get(n, {}).get("steady_tokens_per_second") for n in ("job_fast", "job_ddp2"))
     if one and two:
-        lines.append(f"\nDDP scaling, 2 GPUs / 1 GPU (steady tok/s): {two / one:.2f}x")
+        lines.append(f"\nDDP scaling, job_ddp2 (2 GPUs) / job_fast (1 GPU), steady tok/s: {two / one:.2f}x")
     table = "\n".join(lines)
     print(table)
     (out / "bench.md").write_text(table + "\n")

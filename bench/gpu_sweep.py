@@ -88,14 +88,14 @@ def summarise(prof, wall: float, steps: int, out: Path) -> dict:
 
 
 def run_variant(name: str, work: Path, train_path: Path, rejects: Path, train_kw: dict, lora_kw: dict | None = None,
-                profile: tuple[int, int] | None = None) -> dict:
+                profile: tuple[int, int] | None = None, profile_dir: Path | None = None) -> dict:
     settings = Settings(dataset_uri=str(DATA), output_uri=str(work / "out"), work_dir=work, engine="unsloth",
                         train=train_kw, lora=lora_kw or {})
     started = time.perf_counter()
     model, tokenizer = engine.load_for_training(settings, "unsloth", MODEL_DIR)
     load_s = time.perf_counter() - started
     dataset, stats = train.load_train_dataset(train_path, rejects, tokenizer, settings)
-    callbacks = (StepProfiler(*profile, work),) if profile else ()
+    callbacks = (StepProfiler(*profile, profile_dir or work),) if profile else ()
     metrics = train.train_adapter(model, tokenizer, dataset, work / name / "adapter", settings, "unsloth",
                                   stats["mean_row_tokens"], extra_callbacks=callbacks)
     del model, tokenizer, dataset
@@ -130,26 +130,29 @@ def main(out: Path) -> None:
         (out / "sweep.json").write_text(json.dumps(results, indent=1))
 
     if "profile" in only:  # the default fast path; profile steps 6-8 after warm-up
-        record(run_variant("fast-16k-profile", work, report.train_path, report.rejects_path, {"max_steps": 9}, profile=(6, 3)))
+        record(run_variant("fast-16k-profile", work, report.train_path, report.rejects_path, {"max_steps": 9}, profile=(6, 3),
+                           profile_dir=out))
     if "guard" in only:
         # Equal tokens: the seed recipe's first seed_steps x 8 rows against fast runs that see the same rows.
         seed = run_variant("guard-seed", work, report.train_path, report.rejects_path, {"recipe": "seed", "max_steps": seed_steps})
         record(seed)
         seed_tokens = seed["train_tokens"]
-        for label, lr in (("auto", None), ("2e-4", 2e-4), ("8e-4", 8e-4)):
-            rows_per_step = 30
+        guards = [(label, budget, lr) for label, budget, lr in (("16k-lr-auto", 16384, None), ("32k-lr-auto", 32768, None),
+                                                                ("16k-lr-2e-4", 16384, 2e-4)) if label in os.environ.get("GUARDS", label)]
+        for label, budget, lr in guards:
+            rows_per_step = 29 * budget // 16384  # ~558 tokens a row
             steps = max(2, round(seed_steps * 8 / rows_per_step))
-            kw = {"max_steps": steps, **({"learning_rate": lr} if lr else {})}
-            result = run_variant(f"guard-fast-16k-lr-{label}", work, report.train_path, report.rejects_path, kw)
+            kw = {"max_steps": steps, "micro_batch_tokens": budget, **({"learning_rate": lr} if lr else {})}
+            result = run_variant(f"guard-fast-{label}", work, report.train_path, report.rejects_path, kw)
             lo, hi = 0.75 * seed_tokens, seed_tokens * 1.05
             mine, ref = loss_window(result["curve"], lo, hi), loss_window(seed["curve"], lo, seed_tokens)
             result["loss_vs_seed_at_equal_tokens"] = (mine - ref) / ref if mine is not None and ref else None
             record(result)
     if "budgets" in only:  # step time against the token budget: fixed cost + cost per token
-        for budget in (8192, 32768, 65536):
+        for budget in (32768, 65536):  # checkpointing as `auto` decides (on for 64k)
             record(run_variant(f"fast-{budget // 1024}k", work, report.train_path, report.rejects_path,
-                               {"max_steps": 10, "micro_batch_tokens": budget}))
-        record(run_variant("fast-16k-gc-on", work, report.train_path, report.rejects_path, {"max_steps": 10},
+                               {"max_steps": 12, "micro_batch_tokens": budget}))
+        record(run_variant("fast-16k-gc-on", work, report.train_path, report.rejects_path, {"max_steps": 12},
                            {"gradient_checkpointing": "unsloth"}))
     print("SWEEP " + json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in results["variants"]]), flush=True)
     print(f"rows {rows}", flush=True)

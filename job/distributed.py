@@ -59,11 +59,12 @@ def launch_workers(spec: dict, work: Path, nproc: int, run_id: str) -> None:
     errors.mkdir(parents=True, exist_ok=True)
     spec_path = work / "worker-spec.json"
     spec_path.write_text(json.dumps({**spec, "errors": str(errors)}))
+    options = {"shutdown_timeout": SHUTDOWN_GRACE_S} if "shutdown_timeout" in LaunchConfig.__dataclass_fields__ else {}  # torch >= 2.12
     config = LaunchConfig(
         min_nodes=nodes, max_nodes=nodes, nproc_per_node=nproc, run_id=run_id,
         rdzv_backend="static", rdzv_endpoint=f"{master}:{port}", rdzv_configs={"rank": node_rank},
         max_restarts=0,  # a failed worker fails the pod; Kubernetes' backoffLimit owns retries
-        monitor_interval=1, start_method="spawn", shutdown_timeout=SHUTDOWN_GRACE_S,
+        monitor_interval=1, start_method="spawn", **options,
         logs_specs=DefaultLogsSpecs(log_dir=str(work / "worker-logs")),  # workers write straight to the pod's log
     )
     log.info("starting training workers", nproc_per_node=nproc, nodes=nodes, node_rank=node_rank, master=f"{master}:{port}")

@@ -61,11 +61,14 @@ class TrainSettings(Section):
     micro_batch_tokens: int = Field(16384, ge=64, description="Fast recipe: token budget of one micro-batch (28 rows of ~580 tokens).")
     learning_rate: float | None = Field(
         None, gt=0,
-        description="Peak learning rate; unset: seed 2e-4, fast 2e-4 x sqrt(rows a step / the seed's 8), at most 4x (square-root rule for Adam).",
+        description="Peak learning rate; unset: seed 2e-4, fast 2e-4 x (rows a step / the seed's 8), at most 8e-4.",
     )
     warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; unset: seed 5, fast the steps that cover the seed's first 40 rows (at least 1).")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
-    optim: str = Field("adamw_8bit", description="Optimizer (adamw_8bit needs bitsandbytes; falls back to adamw_torch without it).")
+    optim: str | None = Field(
+        None, description="transformers optimizer name; unset: seed adamw_8bit (needs bitsandbytes on CUDA, else adamw_torch), "
+        "fast adamw_torch_fused on CUDA.",
+    )
     weight_decay: float = Field(0.01, ge=0, description="Weight decay.")
     seed: int = Field(3407, description="Seed for LoRA init, shuffling and dropout.")
     packing: bool = Field(False, description="Pack rows into full max_seq_length sequences (padding-free); worth it only with FlashAttention-2 or xformers installed.")

@@ -22,7 +22,7 @@ def test_defaults_are_the_seed_tutorials_recipe(clean_env, monkeypatch):
     assert batch_plan(s, "unsloth") == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
                                         "sampling": "random", "world_size": 1, "rows_per_step": 8,
                                         "learning_rate": 2e-4, "warmup_steps": 5}
-    assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (None, None, "linear", "adamw_8bit")
+    assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (None, None, "linear", None)
     assert (t.weight_decay, t.seed, s.model.max_seq_length, s.model.load_in_4bit) == (0.01, 3407, 2048, True)
     assert s.data.max_reject_ratio == 0.0 and s.engine == "auto"
 
@@ -109,9 +109,9 @@ def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean
         monkeypatch.setenv(key, value)
     s = load_settings()
     # 16,384-token budget / 580 tokens a row = 28 rows, one micro-batch a step, length-grouped;
-    # 28 rows instead of the seed's 8: learning rate x sqrt(3.5), warm-up over 40 rows = 2 steps.
+    # 28 rows instead of the seed's 8: learning rate x 3.5, warm-up over 40 rows = 2 steps.
     plan = batch_plan(s, "unsloth", mean_row_tokens=580)
-    assert plan.pop("learning_rate") == pytest.approx(2e-4 * 3.5**0.5)
+    assert plan.pop("learning_rate") == pytest.approx(2e-4 * 3.5)
     assert plan == {"per_device_batch_size": 28, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length",
                     "world_size": 1, "rows_per_step": 28, "warmup_steps": 2}
     # Two GPUs double the rows a step; the learning-rate scale is capped at 4x.
