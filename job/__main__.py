@@ -26,17 +26,18 @@ def new_run_id() -> str:
     return datetime.datetime.now(datetime.UTC).strftime("%Y%m%d-%H%M%S-") + secrets.token_hex(3)
 
 
-def run(settings: Settings) -> ExitCode:
+def run(settings: Settings, run_id: str, push) -> ExitCode:
     """One fine-tuning run; each stage is one call."""
-    from job import checkpoint, data, distributed, engine, publish, train, verify
+    from job import checkpoint, data, distributed, engine, export, observe, publish, retrain, train, verify
 
-    run_id = settings.run_id or new_run_id()
     run_uri = storage.join(settings.output_uri, run_id)
     bind(run_id=run_id, stage="start")
     log.info("run starting", output=run_uri, dataset=settings.dataset_uri, model=settings.model.name)
     if (existing := publish.find_manifest(run_uri)) is not None:
         log.info("run already published; nothing to do", published_at=existing.get("published_at"))
         return ExitCode.OK
+    gguf_converter = export.check_settings(settings)
+    observe.check_report_to(settings.metrics.report_to)
 
     work = settings.work_dir / run_id
     out = work / "publish"  # exactly what gets uploaded
@@ -46,6 +47,7 @@ def run(settings: Settings) -> ExitCode:
     bind(stage="fetch")
     started = time.perf_counter()
     dataset_path = storage.fetch_file(settings.dataset_uri, work / "input" / "dataset.jsonl")
+    eval_path = storage.fetch_file(settings.eval.dataset_uri, work / "input" / "eval.jsonl") if settings.eval.dataset_uri else None
     timings["fetch_s"] = time.perf_counter() - started
     log.info("dataset fetched", bytes=dataset_path.stat().st_size, seconds=round(timings["fetch_s"], 2))
 
@@ -57,6 +59,19 @@ def run(settings: Settings) -> ExitCode:
     for reject in report.first_rejects[:5]:
         log.warning("rejected row", **reject)
     data.check_report(report, settings.data.max_reject_ratio)
+    eval_report = None
+    if eval_path is not None:
+        eval_report = data.validate_dataset(eval_path, work / "eval", max_line_bytes=settings.data.max_line_bytes,
+                                            system_prompt=settings.data.system_prompt)
+        data.check_report(eval_report, settings.data.max_reject_ratio)
+
+    # Periodic retraining: nothing to do when data, settings and base model are those of the latest run.
+    identity = retrain.identity(report.sha256, settings)
+    latest = retrain.read_latest(settings.output_uri)
+    if settings.retrain.skip_unchanged and retrain.unchanged_since(latest, identity):
+        log.info("unchanged since the latest published run; skipping", latest_run=latest["run_id"],
+                 dataset_sha256=report.sha256, settings_sha256=identity["settings_sha256"])
+        return ExitCode.OK
 
     bind(stage="load")
     started = time.perf_counter()
@@ -79,14 +94,24 @@ def run(settings: Settings) -> ExitCode:
     report.rejected += stats["rejected"]
     report.first_rejects.extend(stats["first_rejects"])
     data.check_report(report, settings.data.max_reject_ratio)
+    if eval_report is not None:
+        eval_dataset, _ = train.load_train_dataset(eval_report.train_path, eval_report.rejects_path, tokenizer, settings)
+    else:
+        dataset, eval_dataset = train.split_eval(dataset, settings.eval.fraction, settings.train.seed)
     resume = checkpoint.fetch_latest_checkpoint(run_uri, work)
+    if "tensorboard" in settings.metrics.report_to:  # event files go up with the run unless the user points them elsewhere
+        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
     if in_process:
         metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen, stats["mean_row_tokens"],
-                                      run_uri=run_uri, resume_from=resume)
+                                      run_uri=run_uri, resume_from=resume, eval_dataset=eval_dataset,
+                                      extra_callbacks=(observe.progress_callback(push),))
         del model
     else:
         dataset.save_to_disk(str(work / "train-dataset"))
+        if eval_dataset is not None:
+            eval_dataset.save_to_disk(str(work / "eval-dataset"))
         spec = {"engine": chosen, "source": base_source, "dataset": str(work / "train-dataset"), "adapter": str(out / "adapter"),
+                "eval_dataset": str(work / "eval-dataset") if eval_dataset is not None else None, "run_id": run_id,
                 "metrics": str(work / "worker-metrics.json"), "mean_row_tokens": stats["mean_row_tokens"], "run_uri": run_uri,
                 "resume_from": str(resume) if resume else None}
         distributed.launch_workers(spec, work, nproc, run_id)
@@ -94,31 +119,49 @@ def run(settings: Settings) -> ExitCode:
             log.info("training finished on this node; node 0 verifies and publishes", node_rank=node_rank)
             return ExitCode.OK
         metrics = json.loads((work / "worker-metrics.json").read_text(encoding="utf-8"))
-    metrics.update(engine=chosen, overlength_truncated=stats["truncated"], mean_row_tokens=stats["mean_row_tokens"])
-    # Written now as well as at publish, so a run that fails verify still leaves its numbers in the work dir.
+    metrics.update(run_id=run_id, engine=chosen, overlength_truncated=stats["truncated"], mean_row_tokens=stats["mean_row_tokens"])
+    # Written now as well as at publish, so a run that fails a gate still leaves its numbers in the work dir.
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
     log.info("training finished", steps=metrics["steps"], loss_first=metrics["loss_first"], loss_last=metrics["loss_last"],
+             eval_loss_before=metrics["eval_loss_before"], eval_loss_after=metrics["eval_loss_after"],
              steady_tokens_per_s=metrics["steady_tokens_per_second"], peak_gpu_memory_gib=metrics["peak_gpu_memory_gib"])
-    del tokenizer, dataset
+    push.update(force=True, eval_loss_before=metrics["eval_loss_before"], eval_loss_after=metrics["eval_loss_after"])
+    del tokenizer, dataset, eval_dataset
     engine.free_memory()
+    train.check_eval(metrics, settings.eval.require_improvement)
 
     bind(stage="verify")
     started = time.perf_counter()
     model, tokenizer = engine.load_for_inference(settings, chosen, base_source, out / "adapter")
     probes = verify.build_probes(settings, report.train_path)
     try:
-        verify.verify_adapter(model, tokenizer, probes, work / "verify.json", settings)
+        adapter_report = verify.verify_adapter(model, tokenizer, probes, work / "verify.json", settings)
     finally:
         timings["verify_s"] = time.perf_counter() - started
     (work / "verify.json").replace(out / "verify.json")
     del model, tokenizer
     engine.free_memory()
 
+    if settings.export.merged:
+        bind(stage="export")
+        started = time.perf_counter()
+        merged = export.merge_adapter(settings, chosen, base_source, out / "adapter", out / "merged")
+        engine.free_memory()
+        model, tokenizer = export.load_merged(merged)
+        verify.verify_merged(model, tokenizer, probes, adapter_report, work / "verify-merged.json", settings)
+        (work / "verify-merged.json").replace(out / "verify-merged.json")
+        del model, tokenizer
+        engine.free_memory()
+        if gguf_converter is not None:
+            export.convert_gguf(gguf_converter, merged, out / "gguf", settings.export.gguf_type, settings.export.gguf == "require")
+        timings["export_s"] = time.perf_counter() - started
+
     bind(stage="publish")
     report.rejects_path.replace(out / "rejects.jsonl")
-    metrics.update(data=report.summary(),
-                   timings={k: round(v, 3) for k, v in timings.items()})
+    metrics.update(data=report.summary(), timings={k: round(v, 3) for k, v in timings.items()})
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
+    if settings.metrics.loss_curve_png:
+        observe.write_loss_curve(metrics, out / "loss_curve.png")
     manifest = {
         "run_id": run_id,
         "dataset": {"uri": settings.dataset_uri, "sha256": report.sha256, "rows_accepted": report.accepted,
@@ -127,12 +170,17 @@ def run(settings: Settings) -> ExitCode:
                        "fingerprint": publish.model_fingerprint(base_source)},
         "engine": chosen,
         "settings": redacted(settings),
-        "loss": {"first": metrics["loss_first"], "last": metrics["loss_last"]},
+        "settings_sha256": identity["settings_sha256"],
+        "loss": {"first": metrics["loss_first"], "last": metrics["loss_last"],
+                 "eval_before": metrics["eval_loss_before"], "eval_after": metrics["eval_loss_after"]},
     }
-    if not publish.publish_run(out, run_uri, manifest):
+    published = publish.publish_run(out, run_uri, manifest)
+    if published is None:
         log.warning("another pod published this run_id first; its manifest stands and ours was not written")
         return ExitCode.OK
     log.info("run published", manifest=storage.join(run_uri, publish.MANIFEST))
+    retrain.move_latest(settings.output_uri, run_id, published, identity)
+    retrain.apply_retention(settings.output_uri, settings.retrain.keep_runs, protect={run_id})
     checkpoint.delete_checkpoints(run_uri)
     return ExitCode.OK
 
@@ -142,7 +190,7 @@ def train_worker_command(spec_path: Path) -> ExitCode:
     rank 0 save the adapter and the metrics where the launching process reads them."""
     from datasets import load_from_disk
 
-    from job import distributed, engine, train
+    from job import distributed, engine, observe, train
 
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     settings = load_settings()
@@ -153,6 +201,8 @@ def train_worker_command(spec_path: Path) -> ExitCode:
     metrics = train.train_adapter(
         model, tokenizer, load_from_disk(spec["dataset"]), Path(spec["adapter"]), settings, spec["engine"],
         spec["mean_row_tokens"], run_uri=spec["run_uri"], resume_from=Path(spec["resume_from"]) if spec["resume_from"] else None,
+        eval_dataset=load_from_disk(spec["eval_dataset"]) if spec["eval_dataset"] else None,
+        extra_callbacks=(observe.progress_callback(observe.pusher(settings, spec["run_id"])),),
     )
     if distributed.world_rank() == 0:
         Path(spec["metrics"]).write_text(json.dumps({**metrics, "worker_load_s": round(load_s, 3)}), encoding="utf-8")
@@ -237,7 +287,18 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings()
         configure_logging(settings.log_format, settings.log_level)
         termination_log = settings.termination_log
-        return run(settings)
+        from job import observe
+
+        run_id = settings.run_id or new_run_id()
+        push, started = observe.pusher(settings, run_id), time.perf_counter()
+        try:
+            code = run(settings, run_id, push)
+        except BaseException as error:  # the final push reports failures too; main's handlers below map them
+            push.update(force=True, finished=1, duration_seconds=time.perf_counter() - started,
+                        exit_code=int(getattr(error, "exit_code", ExitCode.INTERNAL)))
+            raise
+        push.update(force=True, finished=1, exit_code=int(code), duration_seconds=time.perf_counter() - started)
+        return code
     except JobError as error:
         code, message = error.exit_code, str(error)
     except KeyboardInterrupt:

@@ -28,6 +28,8 @@ def processes_per_node(settings: Settings) -> int:
     """Training processes on this node: auto = one per visible GPU (1 on CPU)."""
     if settings.nproc_per_node != "auto":
         return int(settings.nproc_per_node)
+    if os.environ.get("PET_NPROC_PER_NODE", "auto").isdigit():  # Kubeflow Trainer's numProcPerNode
+        return int(os.environ["PET_NPROC_PER_NODE"])
     import torch
 
     return max(1, torch.cuda.device_count())

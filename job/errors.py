@@ -12,6 +12,7 @@ class ExitCode(IntEnum):
     DATA = 3
     VERIFY = 4
     MODEL_LOAD = 5
+    EXPORT = 6
     STORAGE = 10
     OUT_OF_MEMORY = 11
     NON_FINITE_LOSS = 12
@@ -27,6 +28,7 @@ EXIT_CODES: dict[ExitCode, tuple[bool, str]] = {
     ExitCode.DATA: (False, "data error (unreadable dataset, too many bad rows, bad labels)"),
     ExitCode.VERIFY: (False, "verification failed (the reloaded adapter misbehaves)"),
     ExitCode.MODEL_LOAD: (False, "model load error (missing or incompatible weights)"),
+    ExitCode.EXPORT: (False, "export failed (merged model or a required GGUF conversion)"),
     ExitCode.STORAGE: (True, "storage error after retries (S3 unreachable, 5xx)"),
     ExitCode.OUT_OF_MEMORY: (False, "out of GPU memory (retry only with other settings)"),
     ExitCode.NON_FINITE_LOSS: (False, "non-finite loss"),
@@ -54,6 +56,10 @@ class VerifyError(JobError):
 
 class ModelLoadError(JobError):
     exit_code = ExitCode.MODEL_LOAD
+
+
+class ExportError(JobError):
+    exit_code = ExitCode.EXPORT
 
 
 class StorageError(JobError):

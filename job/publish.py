@@ -45,9 +45,9 @@ def model_fingerprint(source: str) -> str | None:
     return digest.hexdigest()
 
 
-def publish_run(run_dir: Path, run_uri: str, manifest: dict) -> bool:
+def publish_run(run_dir: Path, run_uri: str, manifest: dict) -> dict | None:
     """Upload every file under run_dir, then manifest.json listing them (size, sha256).
-    Returns False when another writer's manifest for this run_id was there first."""
+    Returns the manifest written, or None when another writer's manifest for this run_id was there first."""
     objects = []
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         key = path.relative_to(run_dir).as_posix()
@@ -61,4 +61,4 @@ def publish_run(run_dir: Path, run_uri: str, manifest: dict) -> bool:
         "published_at": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
     }
     body = json.dumps(document, ensure_ascii=False, indent=2).encode()
-    return storage.put_if_absent(body, storage.join(run_uri, MANIFEST))
+    return document if storage.put_if_absent(body, storage.join(run_uri, MANIFEST)) else None

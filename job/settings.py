@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict, SettingsError
 
 from job.errors import ConfigError
@@ -89,6 +89,55 @@ class CheckpointSettings(Section):
     keep: int = Field(2, ge=1, description="Uploaded checkpoints kept per run (older ones are deleted).")
 
 
+class RetrainSettings(Section):
+    skip_unchanged: bool = Field(
+        True, description="Exit 0 without training when the dataset's sha256, the training settings and the base model "
+        "name and revision equal those of the run latest.json points to (periodic retraining).",
+    )
+    keep_runs: int = Field(0, ge=0, description="Published runs kept under the output prefix, newest first (0: keep all). "
+                           "Runs without a manifest are never deleted.")
+
+
+class EvalSettings(Section):
+    fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the validated rows held out for evaluation (0: none).")
+    dataset_uri: str | None = Field(None, description="A separate JSONL evaluation set (instead of a held-out fraction).")
+    require_improvement: bool = Field(False, description="Fail (exit 4, nothing published) unless eval loss after training is "
+                                      "below eval loss before it.")
+
+    @field_validator("dataset_uri")
+    @classmethod
+    def _uri(cls, value: str | None) -> str | None:
+        from job.storage import check_uri
+
+        return None if value is None else check_uri(value)
+
+    @model_validator(mode="after")
+    def _gate_needs_data(self):
+        if self.require_improvement and not (self.fraction or self.dataset_uri):
+            raise ValueError("require_improvement needs an evaluation set: set QLORA_EVAL__FRACTION or QLORA_EVAL__DATASET_URI")
+        return self
+
+
+class MetricsSettings(Section):
+    pushgateway_url: str | None = Field(None, description="Prometheus Pushgateway (http://host:9091) that receives progress "
+                                        "every push_every_seconds and final metrics, grouped by job and run_id.")
+    push_every_seconds: float = Field(30.0, gt=0, description="How often progress is pushed to the Pushgateway.")
+    report_to: list[str] = Field(default_factory=list, description='Trainer integrations, JSON list, e.g. ["tensorboard"] or '
+                                 '["mlflow"]; each must be installed (their own variables configure them).')
+    loss_curve_png: bool = Field(True, description="Publish loss_curve.png beside metrics.json.")
+
+
+class ExportSettings(Section):
+    merged: bool = Field(False, description="Also publish the base model with the adapter merged in, 16-bit safetensors "
+                         "(Unsloth's merged save on the unsloth engine), after it passes the same reload gate.")
+    gguf: Literal["off", "try", "require"] = Field(
+        "off", description="GGUF export of the merged model with llama.cpp's convert_hf_to_gguf.py: try (skipped with a "
+        "warning when no converter is found) or require (exit 2 without one). Needs export.merged.",
+    )
+    gguf_type: Literal["f16", "bf16", "q8_0"] = Field("q8_0", description="GGUF output type.")
+    llama_cpp_dir: Path = Field(Path("/opt/llama.cpp"), description="Folder holding llama.cpp's convert_hf_to_gguf.py.")
+
+
 class Probe(Section):
     prompt: str
     expected: str | None = None
@@ -132,6 +181,10 @@ class Settings(BaseSettings):
     data: DataSettings = DataSettings()
     verify: VerifySettings = VerifySettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
+    retrain: RetrainSettings = RetrainSettings()
+    eval: EvalSettings = EvalSettings()
+    metrics: MetricsSettings = MetricsSettings()
+    export: ExportSettings = ExportSettings()
 
     @field_validator("dataset_uri", "output_uri")
     @classmethod

@@ -178,6 +178,20 @@ def put_file(path: Path, uri: str) -> None:
             partial.replace(target)
 
 
+def put_bytes(data: bytes, uri: str) -> None:
+    """Write (or replace) a small object in one request; local files are replaced atomically."""
+    with _errors(uri):
+        if is_s3(uri):
+            bucket, key = _split(uri)
+            client().put_object(Bucket=bucket, Key=key, Body=data)
+            return
+        target = local_path(uri)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        partial = target.with_name(target.name + f".{os.getpid()}.partial")
+        partial.write_bytes(data)
+        partial.replace(target)
+
+
 def put_if_absent(data: bytes, uri: str) -> bool:
     """Write data only if nothing is at uri yet (S3 If-None-Match: *). False when it already exists."""
     from botocore.exceptions import ClientError
@@ -234,6 +248,17 @@ def list_keys(uri: str) -> list[str]:
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
             keys.extend(item["Key"][len(prefix):] for item in page.get("Contents", []))
     return sorted(keys)
+
+
+def delete_keys(uri: str, keys: list[str]) -> None:
+    """Delete the named objects under a prefix (missing ones are fine)."""
+    with _errors(uri):
+        if not is_s3(uri):
+            for key in keys:
+                (local_path(uri) / key).unlink(missing_ok=True)
+            return
+        bucket, prefix = _split(uri)
+        client().delete_objects(Bucket=bucket, Delete={"Objects": [{"Key": f"{prefix.rstrip('/')}/{k}"} for k in keys], "Quiet": True})
 
 
 def delete_prefix(uri: str) -> None:

@@ -10,8 +10,9 @@ import time
 from pathlib import Path
 
 from job import checkpoint
-from job.errors import DataError, NonFiniteLoss, OutOfMemory, Terminated
+from job.errors import ConfigError, DataError, NonFiniteLoss, OutOfMemory, Terminated, VerifyError
 from job.logs import get_logger
+from job.observe import check_report_to
 from job.settings import Settings
 
 log = get_logger(__name__)
@@ -112,7 +113,9 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: dict | No
         include_num_input_tokens_seen="non_padding",
         save_strategy="no",  # saves are driven by the checkpoint callback (schedule, SIGTERM)
         save_total_limit=settings.checkpoint.keep,
-        report_to="none",
+        report_to=check_report_to(settings.metrics.report_to),
+        per_device_eval_batch_size=plan["per_device_batch_size"],
+        eval_strategy="no",  # evaluated once before and once after training, by train_adapter
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step; the search costs a pass
         disable_tqdm=not sys.stdout.isatty(),
         dataset_num_proc=None,
@@ -212,6 +215,25 @@ def load_train_dataset(train_path: Path, rejects_path: Path, tokenizer, settings
     return dataset.remove_columns(["line", "n_tokens"]), stats
 
 
+def split_eval(dataset, fraction: float, seed: int):
+    """Hold out a deterministic share of the rows for evaluation; (dataset, None) when fraction is 0."""
+    if not fraction:
+        return dataset, None
+    held = round(len(dataset) * fraction)
+    if held < 1 or held >= len(dataset):
+        raise ConfigError(f"QLORA_EVAL__FRACTION={fraction} of {len(dataset)} rows leaves no evaluation or no training row")
+    split = dataset.train_test_split(test_size=held, seed=seed, shuffle=True)
+    return split["train"], split["test"]
+
+
+def check_eval(metrics: dict, require_improvement: bool) -> None:
+    """The optional eval gate: held-out loss after training must be below the loss before it."""
+    before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
+    if require_improvement and not after < before:
+        raise VerifyError(f"eval loss did not improve: {before:.4f} before training, {after:.4f} after "
+                          "(QLORA_EVAL__REQUIRE_IMPROVEMENT=true)")
+
+
 def steady_tokens_per_second(steps: list[tuple[float, int]]) -> float | None:
     """Tokens/s after warm-up (compilation, allocator growth): skip the first quarter of steps, at most 10."""
     skip = max(1, min(10, len(steps) // 4))
@@ -223,7 +245,7 @@ def steady_tokens_per_second(steps: list[tuple[float, int]]) -> float | None:
 
 def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settings, engine: str = "transformers",
                   mean_row_tokens: float | None = None, run_uri: str | None = None, resume_from: Path | None = None,
-                  extra_callbacks: tuple = ()) -> dict:
+                  extra_callbacks: tuple = (), eval_dataset=None) -> dict:
     """Fine-tune the LoRA adapters on the dataset, save them to adapter_dir, and return metrics.
     With run_uri, checkpoints go to <run_uri>/checkpoints/ (on schedule and on SIGTERM, then exit 143);
     resume_from continues a checkpoint (optimizer, scheduler, RNG, step). Under torchrun (DDP) every
@@ -243,7 +265,8 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
     if run_uri is not None:
         cp = settings.checkpoint
         callbacks.append(checkpoint.checkpoint_callback(stop, run_uri, cp.every_steps, cp.every_minutes, cp.keep))
-    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=args, callbacks=callbacks)
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset, args=args,
+                         callbacks=callbacks)
     # Our Progress callback logs through structlog; the Trainer's own printer would duplicate it as dicts.
     from transformers.trainer_callback import PrinterCallback
 
@@ -251,6 +274,7 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
     labels = check_labels(trainer, tokenizer.eos_token_id)
     log.info("label check passed", **labels)
 
+    eval_before = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
@@ -277,6 +301,7 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
             f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}: lower QLORA_TRAIN__LEARNING_RATE or check the data"
         )
 
+    eval_after = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
     if trainer.is_world_process_zero():
         adapter_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(adapter_dir), safe_serialization=True)
@@ -291,6 +316,9 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
         "loss_first": curve[0]["loss"] if curve else None,
         "loss_last": curve[-1]["loss"] if curve else None,
         "loss_curve": curve,
+        "eval_rows": len(eval_dataset) if eval_dataset is not None else 0,
+        "eval_loss_before": eval_before,
+        "eval_loss_after": eval_after,
         "train_tokens": tokens,
         "train_seconds": round(seconds, 3),
         "tokens_per_second": round(tokens / seconds, 1) if seconds else None,

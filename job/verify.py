@@ -62,6 +62,25 @@ def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, sett
         results.append(result)
         log.info("probe", prompt=result["prompt"][:80], answer=result["answer"][:120], ended=tuned["ended"])
 
+    return _gate(results, report_path, settings, "verification")
+
+
+def verify_merged(model, tokenizer, probes: list[dict], adapter_report: dict, report_path: Path, settings: Settings) -> dict:
+    """The same gate for the merged model, loaded with plain transformers; the base model's answers
+    come from the adapter's report (a merged model has no adapter to switch off)."""
+    results = []
+    for probe, earlier in zip(probes, adapter_report["probes"], strict=True):
+        merged = generate(model, tokenizer, probe["messages"], settings.verify.max_new_tokens)
+        results.append({**earlier, "answer": merged["text"], "answer_tokens": merged["tokens"], "ended_with_eos": merged["ended"],
+                        "adapter_answer": earlier["answer"],
+                        "matches_expected": None if probe["expected"] is None else merged["text"] == probe["expected"].strip()})
+        log.info("merged probe", prompt=results[-1]["prompt"][:80], answer=merged["text"][:120], ended=merged["ended"])
+    return _gate(results, report_path, settings, "merged model verification")
+
+
+def _gate(results: list[dict], report_path: Path, settings: Settings, what: str) -> dict:
+    """Gates shared by the adapter and the merged model; writes the report and raises on failure."""
+    max_new = settings.verify.max_new_tokens
     failures = []
     for i, r in enumerate(results):
         if not r["answer"]:
@@ -76,5 +95,5 @@ def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, sett
     report_path.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
     if failures:
         more = f" (+{len(failures) - 1} more, see {report_path})" if len(failures) > 1 else ""
-        raise VerifyError(f"verification failed: {failures[0]}{more}")
+        raise VerifyError(f"{what} failed: {failures[0]}{more}")
     return report

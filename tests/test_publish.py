@@ -13,7 +13,7 @@ def test_two_pods_racing_on_one_run_id_never_both_publish(s3, bucket, tmp_path):
         (out / "adapter").mkdir(parents=True)
         (out / "adapter" / "adapter_model.safetensors").write_bytes(name.encode() * 1000)
         (out / "metrics.json").write_text(json.dumps({"pod": name}))
-        outcomes[name] = publish.publish_run(out, run_uri, {"run_id": "race", "pod": name})
+        outcomes[name] = publish.publish_run(out, run_uri, {"run_id": "race", "pod": name}) is not None
 
     threads = [threading.Thread(target=pod, args=(f"pod-{i}",)) for i in range(4)]
     for t in threads:

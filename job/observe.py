@@ -1,0 +1,111 @@
+"""Observability beyond the logs: Prometheus Pushgateway pushes for short-lived Jobs (a
+scrape would miss them), the Trainer's own integrations (tensorboard, mlflow, wandb), and a
+loss-curve PNG that a person can open from the bucket."""
+
+import time
+from pathlib import Path
+
+from job.errors import ConfigError
+from job.logs import get_logger
+from job.settings import Settings
+
+log = get_logger(__name__)
+JOB_LABEL = "qlora-job"
+GAUGES = {
+    "step": "Optimizer steps done", "max_steps": "Optimizer steps planned", "loss": "Training loss at the last logged step",
+    "tokens_per_second": "Training tokens per second since the start", "eta_seconds": "Estimated seconds of training left",
+    "eval_loss_before": "Held-out loss before training", "eval_loss_after": "Held-out loss after training",
+    "exit_code": "Exit code of the finished run (see `qlora-job exit-codes`)", "finished": "1 once the run has ended",
+    "duration_seconds": "Wall time of the run",
+}
+
+
+class Pusher:
+    """Pushes qlora_* gauges to a Pushgateway under job=qlora-job, run_id=<id>, at most every
+    `every` seconds (final pushes always go). A failing push is a warning, never a failed run."""
+
+    def __init__(self, url: str | None, run_id: str, every: float):
+        from prometheus_client import CollectorRegistry, Gauge
+
+        self.url, self.run_id, self.every, self.last = url, run_id, every, 0.0
+        self.registry = CollectorRegistry()
+        self.gauges = {name: Gauge(f"qlora_{name}", text, registry=self.registry) for name, text in GAUGES.items()}
+
+    def update(self, force: bool = False, **values) -> None:
+        for name, value in values.items():
+            if value is not None and name in self.gauges:
+                self.gauges[name].set(float(value))
+        if self.url and (force or time.monotonic() - self.last >= self.every):
+            self.push()
+
+    def push(self) -> None:
+        from prometheus_client import push_to_gateway
+
+        self.last = time.monotonic()
+        try:
+            push_to_gateway(self.url, job=JOB_LABEL, grouping_key={"run_id": self.run_id}, registry=self.registry, timeout=5)
+        except OSError as error:
+            log.warning("pushgateway push failed", url=self.url, error=str(error).splitlines()[0][:200])
+
+
+def pusher(settings: Settings, run_id: str) -> Pusher:
+    return Pusher(settings.metrics.pushgateway_url, run_id, settings.metrics.push_every_seconds)
+
+
+def progress_callback(push: Pusher):
+    """A TrainerCallback that hands each logged step to the Pusher (DDP: global rank 0 only)."""
+    from transformers import TrainerCallback
+
+    class PushProgress(TrainerCallback):
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if not state.is_world_process_zero or "loss" not in (logs or {}):
+                return
+            elapsed = time.perf_counter() - self.start
+            per_step = elapsed / max(state.global_step, 1)
+            push.update(step=state.global_step, max_steps=state.max_steps, loss=logs["loss"],
+                        tokens_per_second=state.num_input_tokens_seen / elapsed if elapsed else None,
+                        eta_seconds=per_step * (state.max_steps - state.global_step))
+
+    return PushProgress()
+
+
+def check_report_to(names: list[str]) -> list[str] | str:
+    """The Trainer's report_to value; each named integration must be installed (exit 2 otherwise)."""
+    if not names:
+        return "none"
+    from transformers.integrations import get_available_reporting_integrations
+
+    available = set(get_available_reporting_integrations())
+    missing = [n for n in names if n not in available]
+    if missing:
+        raise ConfigError(f"QLORA_METRICS__REPORT_TO: {', '.join(missing)} is not installed in this image "
+                          f"(installed: {', '.join(sorted(available)) or 'none'})")
+    return names
+
+
+def write_loss_curve(metrics: dict, path: Path) -> Path:
+    """loss_curve.png: training loss against tokens seen, with eval loss before/after if measured."""
+    import matplotlib
+
+    matplotlib.use("Agg")  # no display in a pod
+    import matplotlib.pyplot as plt
+
+    curve = metrics.get("loss_curve") or []
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    ax.plot([p["tokens"] for p in curve], [p["loss"] for p in curve], label="training loss")
+    end = curve[-1]["tokens"] if curve else 1
+    for key, marker in (("eval_loss_before", "o"), ("eval_loss_after", "s")):
+        if metrics.get(key) is not None:
+            ax.plot([0 if key.endswith("before") else end], [metrics[key]], marker, label=key.replace("_", " "))
+    ax.set_xlabel("tokens seen")
+    ax.set_ylabel("loss")
+    ax.set_title(f"{metrics.get('run_id', '')} ({metrics.get('steps', '?')} steps)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, format="png")
+    plt.close(fig)
+    return path

@@ -1,0 +1,76 @@
+"""Periodic retraining: skip a run that would repeat the last published one, keep a
+`latest.json` pointer to the newest verified run, and keep only the newest N runs.
+
+latest.json lives at <output_uri>/latest.json and is moved only after a run's manifest is
+written (so it never points at a run that failed verify or is half-uploaded)."""
+
+import hashlib
+import json
+
+from job import storage
+from job.logs import get_logger
+from job.publish import MANIFEST
+from job.settings import Settings, redacted
+
+log = get_logger(__name__)
+LATEST = "latest.json"
+# Settings that do not change what a run trains: where it runs, how it logs, what it keeps.
+NOT_TRAINING = {"run_id", "work_dir", "termination_log", "log_format", "log_level", "hf_token", "retrain", "metrics"}
+
+
+def settings_sha256(settings: Settings) -> str:
+    """Fingerprint of every setting that changes the trained adapter (the model cache folder excluded)."""
+    values = {k: v for k, v in redacted(settings).items() if k not in NOT_TRAINING}
+    values["model"] = {k: v for k, v in values["model"].items() if k != "cache_dir"}
+    return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
+
+
+def read_latest(output_uri: str) -> dict | None:
+    body = storage.read_bytes(storage.join(output_uri, LATEST))
+    try:
+        return json.loads(body) if body else None
+    except ValueError:
+        log.warning("latest.json is not JSON; treating this as the first run", uri=storage.join(output_uri, LATEST))
+        return None
+
+
+def identity(dataset_sha256: str, settings: Settings) -> dict:
+    """What a retrain compares: the data, the settings, the base model and its revision."""
+    return {"dataset_sha256": dataset_sha256, "settings_sha256": settings_sha256(settings),
+            "base_model": {"name": settings.model.name, "revision": settings.model.revision}}
+
+
+def unchanged_since(latest: dict | None, current: dict) -> bool:
+    return latest is not None and all(latest.get(key) == value for key, value in current.items())
+
+
+def move_latest(output_uri: str, run_id: str, manifest: dict, current: dict) -> None:
+    """Point latest.json at this run (called only after its manifest is written)."""
+    body = {"run_id": run_id, "manifest": storage.join(output_uri, run_id, MANIFEST),
+            "published_at": manifest.get("published_at"), **current}
+    storage.put_bytes(json.dumps(body, indent=2).encode(), storage.join(output_uri, LATEST))
+    log.info("latest.json moved", run_id=run_id)
+
+
+def apply_retention(output_uri: str, keep: int, protect: set[str]) -> list[str]:
+    """Delete published runs beyond the newest `keep` (by published_at), never those in `protect`.
+    Runs without a manifest (running, or failed) are left alone. Returns the deleted run ids."""
+    if keep <= 0:
+        return []
+    published = []
+    for key in storage.list_keys(output_uri):
+        run_id, _, rest = key.partition("/")
+        if rest == MANIFEST:
+            manifest = json.loads(storage.read_bytes(storage.join(output_uri, key)) or b"{}")
+            published.append((manifest.get("published_at") or "", run_id))
+    deleted = []
+    for _, run_id in sorted(published, reverse=True)[keep:]:
+        if run_id in protect:
+            continue
+        # Manifest first: a run caught half-deleted must not look complete.
+        storage.delete_keys(storage.join(output_uri, run_id), [MANIFEST])
+        storage.delete_prefix(storage.join(output_uri, run_id))
+        deleted.append(run_id)
+    if deleted:
+        log.info("old runs deleted", keep=keep, deleted=deleted)
+    return deleted

@@ -1,0 +1,242 @@
+"""Operations: periodic retraining (skip, latest.json, retention), Pushgateway and report_to,
+the loss-curve PNG, held-out evaluation with its gate, merged and GGUF exports, multi-node
+rendezvous. Real S3 (moto server), real converter (llama.cpp's script), CPU training."""
+
+import http.server
+import json
+import os
+import struct
+import threading
+from pathlib import Path
+
+import pytest
+
+from job.errors import ExitCode
+from tests.conftest import SAMPLE, run_job
+from tests.test_e2e import FACTS, PROBE, TRAIN, _events, _objects
+
+pytestmark = pytest.mark.slow
+QUICK = {**TRAIN, "QLORA_VERIFY__MAX_NEW_TOKENS": "32", "QLORA_VERIFY__TRAIN_PROBES": "2"}
+
+
+@pytest.fixture
+def job_env(s3, bucket, tiny_model, tmp_path, s3_env):
+    body = "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS)
+    s3.put_object(Bucket=bucket, Key="data/facts.jsonl", Body=body.encode())
+    return {**s3_env, "HF_HUB_OFFLINE": "1", "QLORA_DATASET_URI": f"s3://{bucket}/data/facts.jsonl",
+            "QLORA_OUTPUT_URI": f"s3://{bucket}/runs", "QLORA_MODEL__NAME": str(tiny_model),
+            "QLORA_WORK_DIR": str(tmp_path / "work"), **QUICK}
+
+
+def _json(s3, bucket, key):
+    return json.loads(s3.get_object(Bucket=bucket, Key=key)["Body"].read())
+
+
+def _run_ids(s3, bucket):
+    return sorted({k.split("/")[1] for k in _objects(s3, bucket, "runs/") if k.count("/") >= 2})
+
+
+def test_retraining_skips_unchanged_moves_latest_and_keeps_the_newest_runs(s3, bucket, job_env):
+    env = {**job_env, "QLORA_RETRAIN__KEEP_RUNS": "2"}
+    assert run_job(env={**env, "QLORA_RUN_ID": "day-1"}).returncode == 0
+    latest = _json(s3, bucket, "runs/latest.json")
+    manifest = _json(s3, bucket, "runs/day-1/manifest.json")
+    assert latest["run_id"] == "day-1" and latest["dataset_sha256"] == manifest["dataset"]["sha256"]
+    assert latest["settings_sha256"] == manifest["settings_sha256"] and latest["published_at"] == manifest["published_at"]
+
+    # Same data, settings and base model: exit 0 without training, nothing written, latest unchanged.
+    same = run_job(env={**env, "QLORA_RUN_ID": "day-2"})
+    assert same.returncode == 0, same.stderr
+    skipped = [e for e in _events(same.stdout) if e["event"].startswith("unchanged since the latest")]
+    assert skipped and skipped[0]["latest_run"] == "day-1"
+    assert not any(e["event"] == "model loaded" for e in _events(same.stdout))
+    assert "day-2" not in _run_ids(s3, bucket) and _json(s3, bucket, "runs/latest.json")["run_id"] == "day-1"
+
+    # A changed setting retrains; so does changed data. A run left without a manifest is never deleted.
+    s3.put_object(Bucket=bucket, Key="runs/crashed/adapter/partial.bin", Body=b"x")
+    assert run_job(env={**env, "QLORA_RUN_ID": "day-3", "QLORA_LORA__R": "8"}).returncode == 0
+    body = s3.get_object(Bucket=bucket, Key="data/facts.jsonl")["Body"].read() + b'{"instruction": "New?", "output": "Yes."}\n'
+    s3.put_object(Bucket=bucket, Key="data/facts.jsonl", Body=body)
+    assert run_job(env={**env, "QLORA_RUN_ID": "day-4", "QLORA_LORA__R": "8"}).returncode == 0
+    assert _json(s3, bucket, "runs/latest.json")["run_id"] == "day-4"
+    assert _run_ids(s3, bucket) == ["crashed", "day-3", "day-4"]  # keep_runs=2: day-1 deleted
+
+
+class PushRecorder(http.server.ThreadingHTTPServer):
+    """Records what a Pushgateway would receive (method, path, body) and answers 200."""
+
+    def __init__(self):
+        self.pushes: list[tuple[str, str, str]] = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def _record(handler):  # noqa: N805
+                length = int(handler.headers.get("Content-Length", 0))
+                self.pushes.append((handler.command, handler.path, handler.rfile.read(length).decode()))
+                handler.send_response(200)
+                handler.end_headers()
+
+            do_PUT = do_POST = _record
+
+            def log_message(handler, *args):  # noqa: N805
+                pass
+
+        super().__init__(("127.0.0.1", 0), Handler)
+        threading.Thread(target=self.serve_forever, daemon=True).start()
+
+
+def _gauges(body: str) -> dict[str, float]:
+    from prometheus_client.parser import text_string_to_metric_families
+
+    return {s.name: s.value for family in text_string_to_metric_families(body) for s in family.samples}
+
+
+def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
+    """Scalars from TensorBoard event files (TFRecord framing around Event protos)."""
+    from tensorboardX.proto import event_pb2
+
+    scalars: dict[str, list[float]] = {}
+    for path in folder.rglob("events.out.tfevents.*"):
+        data = path.read_bytes()
+        offset = 0
+        while offset < len(data):
+            (length,) = struct.unpack("<Q", data[offset:offset + 8])
+            event = event_pb2.Event.FromString(data[offset + 12:offset + 12 + length])
+            offset += 12 + length + 4
+            for value in event.summary.value:
+                scalars.setdefault(value.tag, []).append(value.simple_value)
+    return scalars
+
+
+def test_pushgateway_tensorboard_and_loss_curve_png(s3, bucket, job_env, tmp_path):
+    gateway = PushRecorder()
+    env = {**job_env, "QLORA_RUN_ID": "observed", "QLORA_METRICS__PUSHGATEWAY_URL": f"http://127.0.0.1:{gateway.server_port}",
+           "QLORA_METRICS__PUSH_EVERY_SECONDS": "0.001", "QLORA_METRICS__REPORT_TO": '["tensorboard"]'}
+    result = run_job(env=env)
+    gateway.shutdown()
+    assert result.returncode == 0, result.stderr
+    paths = {path for _, path, _ in gateway.pushes}
+    assert paths == {"/metrics/job/qlora-job/run_id/observed"}
+    progress = [_gauges(body) for _, _, body in gateway.pushes]
+    assert any(0 < g.get("qlora_step", 0) < 150 for g in progress), "no push while training"
+    final = progress[-1]
+    assert (final["qlora_finished"], final["qlora_exit_code"], final["qlora_step"], final["qlora_max_steps"]) == (1, 0, 150, 150)
+    assert final["qlora_loss"] < progress[0]["qlora_loss"] and final["qlora_duration_seconds"] > 0
+
+    manifest = _json(s3, bucket, "runs/observed/manifest.json")
+    objects = {o["key"]: o for o in manifest["objects"]}
+    png = s3.get_object(Bucket=bucket, Key="runs/observed/loss_curve.png")["Body"].read()
+    assert png[:8] == b"\x89PNG\r\n\x1a\n" and struct.unpack(">II", png[16:24]) == (700, 400)
+    import hashlib
+
+    assert objects["loss_curve.png"]["sha256"] == hashlib.sha256(png).hexdigest()
+
+    # report_to=["tensorboard"]: the Trainer's own event files, published with the run.
+    events = [k for k in objects if k.startswith("tensorboard/")]
+    assert events
+    for key in events:
+        (tmp_path / "tb" / key).parent.mkdir(parents=True, exist_ok=True)
+        s3.download_file(bucket, f"runs/observed/{key}", str(tmp_path / "tb" / key))
+    scalars = _tensorboard_scalars(tmp_path / "tb")
+    assert len(scalars["train/loss"]) == 150 and scalars["train/loss"][-1] < scalars["train/loss"][0]
+
+
+def test_unreachable_pushgateway_is_a_warning_and_missing_integration_is_exit_2(s3, bucket, job_env):
+    result = run_job(env={**job_env, "QLORA_RUN_ID": "no-gateway", "QLORA_METRICS__PUSHGATEWAY_URL": "http://127.0.0.1:9"})
+    assert result.returncode == 0, result.stderr
+    assert any(e["event"] == "pushgateway push failed" for e in _events(result.stdout))
+
+    result = run_job(env={**job_env, "QLORA_RUN_ID": "wandb", "QLORA_METRICS__REPORT_TO": '["wandb"]'})
+    assert result.returncode == ExitCode.CONFIG
+    assert result.stderr.strip().splitlines()[-1].startswith("qlora-job: error: QLORA_METRICS__REPORT_TO: wandb is not installed")
+
+
+def test_held_out_evaluation_and_its_gate(s3, bucket, job_env, tmp_path):
+    s3.upload_file(str(SAMPLE), bucket, "data/sample.jsonl")
+    env = {**job_env, "QLORA_DATASET_URI": f"s3://{bucket}/data/sample.jsonl", "QLORA_EVAL__FRACTION": "0.25",
+           "QLORA_EVAL__REQUIRE_IMPROVEMENT": "true", "QLORA_VERIFY__MAX_NEW_TOKENS": "400"}
+    result = run_job(env={**env, "QLORA_RUN_ID": "eval-ok", "QLORA_TRAIN__LEARNING_RATE": "3e-3"})
+    assert result.returncode == 0, result.stderr
+    metrics = _json(s3, bucket, "runs/eval-ok/metrics.json")
+    assert metrics["eval_rows"] == 16 and metrics["rows"] == 48
+    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+
+    # A learning rate too small to move the weights: eval loss does not improve -> exit 4, nothing published.
+    result = run_job(env={**env, "QLORA_RUN_ID": "eval-flat", "QLORA_TRAIN__LEARNING_RATE": "1e-12",
+                          "QLORA_VERIFY__REQUIRE_CHANGE": "false"})
+    assert result.returncode == ExitCode.VERIFY, result.stderr
+    assert "eval loss did not improve" in result.stderr.strip().splitlines()[-1]
+    assert not _objects(s3, bucket, "runs/eval-flat/")
+
+    result = run_job(env={**job_env, "QLORA_RUN_ID": "eval-none", "QLORA_EVAL__REQUIRE_IMPROVEMENT": "true"})
+    assert result.returncode == ExitCode.CONFIG and "needs an evaluation set" in result.stderr
+
+
+def test_merged_export_reloads_with_plain_transformers_and_reproduces_the_answer(s3, bucket, job_env, tmp_path):
+    env = {**job_env, "QLORA_RUN_ID": "merged", "QLORA_EXPORT__MERGED": "true",
+           "QLORA_VERIFY__PROMPTS": json.dumps([PROBE]), "QLORA_EXPORT__GGUF": "try",
+           "QLORA_EXPORT__LLAMA_CPP_DIR": os.environ.get("LLAMA_CPP", str(Path(__file__).parents[1] / ".tools" / "llama.cpp"))}
+    result = run_job(env=env)
+    assert result.returncode == 0, result.stderr
+    keys = set(_objects(s3, bucket, "runs/merged/"))
+    assert {"runs/merged/merged/model.safetensors", "runs/merged/merged/config.json", "runs/merged/verify-merged.json"} <= keys
+    assert _json(s3, bucket, "runs/merged/verify-merged.json")["passed"]
+    # The real llama.cpp converter does not know the tiny tokenizer's pre-tokenizer: with `try` that is a
+    # warning and the run publishes without a GGUF file.
+    warned = [e for e in _events(result.stdout) if e["event"] == "GGUF conversion failed; publishing without it"]
+    assert warned and "pre-tokenizer was not recognized" in warned[0]["error"]
+    assert not any("/gguf/" in k for k in keys)
+
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    local = tmp_path / "merged"
+    for key in (k for k in keys if k.startswith("runs/merged/merged/")):
+        local.mkdir(exist_ok=True)
+        s3.download_file(bucket, key, str(local / key.rsplit("/", 1)[1]))
+    model, tokenizer = AutoModelForCausalLM.from_pretrained(local), AutoTokenizer.from_pretrained(local)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROBE["prompt"]}], add_generation_prompt=True,
+                                           enable_thinking=False, return_tensors="pt", return_dict=True)
+    output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == PROBE["expected"]
+
+
+def test_gguf_required_fails_fast_without_a_converter_and_with_exit_6_when_conversion_fails(s3, bucket, job_env):
+    result = run_job(env={**job_env, "QLORA_RUN_ID": "gguf-none", "QLORA_EXPORT__MERGED": "true",
+                          "QLORA_EXPORT__GGUF": "require", "QLORA_EXPORT__LLAMA_CPP_DIR": "/nonexistent"})
+    assert result.returncode == ExitCode.CONFIG and "convert_hf_to_gguf.py does not exist" in result.stderr
+    assert not any(e["event"] == "dataset fetched" for e in _events(result.stdout))
+
+    result = run_job(env={**job_env, "QLORA_RUN_ID": "gguf-fail", "QLORA_EXPORT__MERGED": "true", "QLORA_EXPORT__GGUF": "require",
+                          "QLORA_EXPORT__LLAMA_CPP_DIR": os.environ.get("LLAMA_CPP", str(Path(__file__).parents[1] / ".tools" / "llama.cpp"))})
+    assert result.returncode == ExitCode.EXPORT, result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("qlora-job: error: GGUF conversion failed")
+    assert not _objects(s3, bucket, "runs/gguf-fail/")
+
+
+def test_two_nodes_one_rendezvous_node_0_publishes(s3, bucket, job_env, tmp_path):
+    """Kubeflow Trainer's PET_* layout, two single-process 'nodes' on this machine (gloo)."""
+    import socket
+    import subprocess
+    import sys
+
+    from tests.conftest import REPO
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    base = {k: v for k, v in os.environ.items() if not k.upper().startswith(("QLORA_", "AWS_"))}
+    procs = []
+    for rank in (0, 1):
+        env = {**base, **job_env, "QLORA_LOG_FORMAT": "json", "QLORA_TERMINATION_LOG": "/dev/null", "QLORA_RUN_ID": "two-nodes",
+               "QLORA_WORK_DIR": str(tmp_path / f"node{rank}"), "PET_NNODES": "2", "PET_NODE_RANK": str(rank),
+               "PET_NPROC_PER_NODE": "1", "PET_MASTER_ADDR": "127.0.0.1", "PET_MASTER_PORT": str(port)}
+        procs.append(subprocess.Popen([sys.executable, "-m", "job"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    outputs = [p.communicate(timeout=600) for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs[0][1][-2000:] + outputs[1][1][-2000:]
+    node1 = _events(outputs[1][0])
+    assert any(e["event"].startswith("training finished on this node") for e in node1)
+    assert not any(e["event"] == "run published" for e in node1)
+    metrics = _json(s3, bucket, "runs/two-nodes/metrics.json")
+    assert metrics["world_size"] == 2 and _json(s3, bucket, "runs/two-nodes/verify.json")["passed"]
