@@ -35,6 +35,7 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
     log.info("run starting", output=run_uri, dataset=settings.dataset_uri, model=settings.model.name)
     if (existing := publish.find_manifest(run_uri)) is not None:
         log.info("run already published; nothing to do", published_at=existing.get("published_at"))
+        retrain.move_latest(settings.output_uri, existing)  # a pod that published but failed to move it
         return ExitCode.OK
     gguf_converter = export.check_settings(settings)
     observe.check_report_to(settings.metrics.report_to)
@@ -179,7 +180,7 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
         log.warning("another pod published this run_id first; its manifest stands and ours was not written")
         return ExitCode.OK
     log.info("run published", manifest=storage.join(run_uri, publish.MANIFEST))
-    retrain.move_latest(settings.output_uri, run_id, published, identity)
+    retrain.move_latest(settings.output_uri, published)
     retrain.apply_retention(settings.output_uri, settings.retrain.keep_runs, protect={run_id})
     checkpoint.delete_checkpoints(run_uri)
     return ExitCode.OK

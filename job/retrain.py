@@ -8,6 +8,7 @@ import hashlib
 import json
 
 from job import storage
+from job.errors import StorageError
 from job.logs import get_logger
 from job.publish import MANIFEST
 from job.settings import Settings, redacted
@@ -44,12 +45,19 @@ def unchanged_since(latest: dict | None, current: dict) -> bool:
     return latest is not None and all(latest.get(key) == value for key, value in current.items())
 
 
-def move_latest(output_uri: str, run_id: str, manifest: dict, current: dict) -> None:
-    """Point latest.json at this run (called only after its manifest is written)."""
-    body = {"run_id": run_id, "manifest": storage.join(output_uri, run_id, MANIFEST),
-            "published_at": manifest.get("published_at"), **current}
+def move_latest(output_uri: str, manifest: dict) -> None:
+    """Point latest.json at a published run, described by its manifest, unless it already points at
+    a newer one. Called after the manifest is written, and again by a retried pod that finds the
+    manifest (so a failed move heals on retry)."""
+    latest = read_latest(output_uri)
+    if latest and (latest.get("run_id") == manifest["run_id"] or (latest.get("published_at") or "") > manifest["published_at"]):
+        return
+    body = {"run_id": manifest["run_id"], "manifest": storage.join(output_uri, manifest["run_id"], MANIFEST),
+            "published_at": manifest["published_at"], "dataset_sha256": manifest["dataset"]["sha256"],
+            "settings_sha256": manifest.get("settings_sha256"),
+            "base_model": {"name": manifest["base_model"]["name"], "revision": manifest["base_model"]["revision"]}}
     storage.put_bytes(json.dumps(body, indent=2).encode(), storage.join(output_uri, LATEST))
-    log.info("latest.json moved", run_id=run_id)
+    log.info("latest.json moved", run_id=manifest["run_id"])
 
 
 def apply_retention(output_uri: str, keep: int, protect: set[str]) -> list[str]:
@@ -57,6 +65,14 @@ def apply_retention(output_uri: str, keep: int, protect: set[str]) -> list[str]:
     Runs without a manifest (running, or failed) are left alone. Returns the deleted run ids."""
     if keep <= 0:
         return []
+    try:
+        return _delete_old_runs(output_uri, keep, protect)
+    except StorageError as error:  # the run is published; old runs stay until a later run can delete them
+        log.warning("could not delete old runs (s3:DeleteObject on the output prefix?)", error=str(error))
+        return []
+
+
+def _delete_old_runs(output_uri: str, keep: int, protect: set[str]) -> list[str]:
     published = []
     for key in storage.list_keys(output_uri):
         run_id, _, rest = key.partition("/")

@@ -48,6 +48,11 @@ CASES = {
     "unsloth-without-gpu": (None, {"QLORA_ENGINE": "unsloth"}, 2, "QLORA_ENGINE=unsloth"),
     "missing-base-model": (None, {"QLORA_MODEL__NAME": "/models/absent"}, 5, "cannot load base model '/models/absent'"),
     "access-denied": (None, {"deny": "1"}, 2, "AccessDenied"),
+    "report-to-not-installed": (None, {"QLORA_METRICS__REPORT_TO": '["wandb"]'}, 2, "wandb is not installed"),
+    "eval-gate-without-eval-set": (None, {"QLORA_EVAL__REQUIRE_IMPROVEMENT": "true"}, 2, "needs an evaluation set"),
+    "eval-fraction-leaves-no-row": ((GOOD + "\n").encode(), {"QLORA_EVAL__FRACTION": "0.5"}, 2, "leaves no evaluation or no training row"),
+    "gguf-without-merged": (None, {"QLORA_EXPORT__GGUF": "try"}, 2, "QLORA_EXPORT__GGUF needs QLORA_EXPORT__MERGED=true"),
+    "bad-nproc": (None, {"QLORA_NPROC_PER_NODE": "two"}, 2, "QLORA_NPROC_PER_NODE"),
 }
 
 

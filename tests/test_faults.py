@@ -27,6 +27,7 @@ def job_env(s3, bucket, s3_env, tiny_model, tmp_path):
         "QLORA_MODEL__NAME": str(tiny_model), "QLORA_WORK_DIR": str(tmp_path / "work"),
         "QLORA_TRAIN__MAX_STEPS": str(STEPS), "QLORA_TRAIN__LEARNING_RATE": "1e-2",
         "QLORA_VERIFY__MAX_NEW_TOKENS": "32", "QLORA_CHECKPOINT__KEEP": "2",
+        "QLORA_RETRAIN__SKIP_UNCHANGED": "false",  # independent trials on one dataset, each must train
     }
 
 

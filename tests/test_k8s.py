@@ -71,3 +71,25 @@ def test_kind_e2e_values_point_at_the_in_cluster_minio():
     script = (REPO / "k8s" / "kind" / "e2e.sh").read_text()
     assert "ci/cpu-kind-values.yaml" in script and "kind load docker-image" in script
     assert subprocess.run(["bash", "-n", str(REPO / "k8s" / "kind" / "e2e.sh")]).returncode == 0
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+def test_kubeflow_trainjob_example_uses_accepted_settings_and_valid_pod_fields(version, clean_env):
+    """The TrainJob CRD is not in the core schemas: its trainer's env and resources are checked as
+    the container fields they become, and every QLORA_* name against the job's own settings."""
+    import kubernetes_validate
+
+    from job.settings import env_names
+
+    doc = yaml.safe_load((REPO / "k8s" / "kubeflow" / "trainjob.yaml").read_text())
+    assert (doc["apiVersion"], doc["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
+    trainer = doc["spec"]["trainer"]
+    assert trainer["command"] == ["python", "-m", "job"] and trainer["numNodes"] >= 2
+    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == trainer["numProcPerNode"]
+    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "trainer"},
+           "spec": {"containers": [{"name": "node", "image": trainer["image"], "command": trainer["command"],
+                                    "env": trainer["env"], "resources": trainer["resourcesPerNode"]}]}}
+    kubernetes_validate.validate(pod, version, strict=True)
+    names = {e["name"] for e in trainer["env"]}
+    assert names <= set(env_names()), names - set(env_names())
+    assert {"QLORA_DATASET_URI", "QLORA_OUTPUT_URI", "QLORA_RUN_ID"} <= names

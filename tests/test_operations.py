@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 
 from job.errors import ExitCode
-from tests.conftest import SAMPLE, run_job
+from tests.conftest import run_job
 from tests.test_e2e import FACTS, PROBE, TRAIN, _events, _objects
 
 pytestmark = pytest.mark.slow
@@ -43,6 +43,11 @@ def test_retraining_skips_unchanged_moves_latest_and_keeps_the_newest_runs(s3, b
     manifest = _json(s3, bucket, "runs/day-1/manifest.json")
     assert latest["run_id"] == "day-1" and latest["dataset_sha256"] == manifest["dataset"]["sha256"]
     assert latest["settings_sha256"] == manifest["settings_sha256"] and latest["published_at"] == manifest["published_at"]
+
+    # A pod that published but could not move latest.json: its retry finds the manifest and moves it.
+    s3.delete_object(Bucket=bucket, Key="runs/latest.json")
+    assert run_job(env={**env, "QLORA_RUN_ID": "day-1"}).returncode == 0
+    assert _json(s3, bucket, "runs/latest.json") == latest
 
     # Same data, settings and base model: exit 0 without training, nothing written, latest unchanged.
     same = run_job(env={**env, "QLORA_RUN_ID": "day-2"})
@@ -151,14 +156,18 @@ def test_unreachable_pushgateway_is_a_warning_and_missing_integration_is_exit_2(
 
 
 def test_held_out_evaluation_and_its_gate(s3, bucket, job_env, tmp_path):
-    s3.upload_file(str(SAMPLE), bucket, "data/sample.jsonl")
-    env = {**job_env, "QLORA_DATASET_URI": f"s3://{bucket}/data/sample.jsonl", "QLORA_EVAL__FRACTION": "0.25",
-           "QLORA_EVAL__REQUIRE_IMPROVEMENT": "true", "QLORA_VERIFY__MAX_NEW_TOKENS": "400"}
-    result = run_job(env={**env, "QLORA_RUN_ID": "eval-ok", "QLORA_TRAIN__LEARNING_RATE": "3e-3"})
+    # 16 rows, each fact four times with different system prompts: 4 held out, 12 trained on.
+    body = "".join(json.dumps({"messages": [{"role": "system", "content": f"Style {i}."}, {"role": "user", "content": q},
+                                            {"role": "assistant", "content": a}]}) + "\n" for i in range(4) for q, a in FACTS)
+    s3.put_object(Bucket=bucket, Key="data/sixteen.jsonl", Body=body.encode())
+    env = {**job_env, "QLORA_DATASET_URI": f"s3://{bucket}/data/sixteen.jsonl", "QLORA_EVAL__FRACTION": "0.25",
+           "QLORA_EVAL__REQUIRE_IMPROVEMENT": "true"}
+    result = run_job(env={**env, "QLORA_RUN_ID": "eval-ok"})
     assert result.returncode == 0, result.stderr
     metrics = _json(s3, bucket, "runs/eval-ok/metrics.json")
-    assert metrics["eval_rows"] == 16 and metrics["rows"] == 48
-    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
+    assert metrics["eval_rows"] == 4 and metrics["rows"] == 12
+    assert metrics["eval_loss_after"] < 0.5 * metrics["eval_loss_before"]
+    assert _json(s3, bucket, "runs/eval-ok/manifest.json")["loss"]["eval_after"] == metrics["eval_loss_after"]
 
     # A learning rate too small to move the weights: eval loss does not improve -> exit 4, nothing published.
     result = run_job(env={**env, "QLORA_RUN_ID": "eval-flat", "QLORA_TRAIN__LEARNING_RATE": "1e-12",
