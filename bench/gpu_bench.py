@@ -65,19 +65,12 @@ def main(out: Path) -> None:
     results["anchor"] = json.loads((out / "unsloth.json").read_text()) if code == 0 else {"exit": code}
     results["anchor"]["wall_s"] = round(secs, 1)
 
-    import logging
-
     import boto3
-    from moto.server import ThreadedMotoServer
 
-    logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    sys.path.insert(0, str(REPO))
+    from job.demo import start_local_s3
 
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    aws = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "bench", "AWS_SECRET_ACCESS_KEY": "bench",
-           "AWS_REGION": "us-east-1"}
-    os.environ.update(aws)
+    server, aws = start_local_s3()
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="bench")
     rows = Path(DATA).read_text().splitlines()

@@ -26,20 +26,27 @@ DEMO_SETTINGS = {
 }
 
 
-def main() -> int:
+def start_local_s3():
+    """A moto S3 server on a free loopback port, with this process's boto3 pointed at it.
+    Returns (server, the AWS_* variables a child process needs)."""
     import logging
 
-    import boto3
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)  # the S3 server's access log
-
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
     server.start()
     host, port = server.get_host_and_port()
-    aws = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "demo", "AWS_SECRET_ACCESS_KEY": "demo-secret",
+    aws = {"AWS_ENDPOINT_URL_S3": f"http://{host}:{port}", "AWS_ACCESS_KEY_ID": "local", "AWS_SECRET_ACCESS_KEY": "local-secret",
            "AWS_REGION": "us-east-1"}
     os.environ.update(aws)
+    return server, aws
+
+
+def main() -> int:
+    import boto3
+
+    server, aws = start_local_s3()
     started = time.perf_counter()
     try:
         s3 = boto3.client("s3")
