@@ -199,12 +199,15 @@ def train_worker_command(spec_path: Path) -> ExitCode:
     started = time.perf_counter()
     model, tokenizer = engine.load_for_training(settings, spec["engine"], spec["source"])
     load_s = time.perf_counter() - started
-    metrics = train.train_adapter(
-        model, tokenizer, load_from_disk(spec["dataset"]), Path(spec["adapter"]), settings, spec["engine"],
-        spec["mean_row_tokens"], run_uri=spec["run_uri"], resume_from=Path(spec["resume_from"]) if spec["resume_from"] else None,
-        eval_dataset=load_from_disk(spec["eval_dataset"]) if spec["eval_dataset"] else None,
-        extra_callbacks=(observe.progress_callback(observe.pusher(settings, spec["run_id"])),),
-    )
+    try:
+        metrics = train.train_adapter(
+            model, tokenizer, load_from_disk(spec["dataset"]), Path(spec["adapter"]), settings, spec["engine"],
+            spec["mean_row_tokens"], run_uri=spec["run_uri"], resume_from=Path(spec["resume_from"]) if spec["resume_from"] else None,
+            eval_dataset=load_from_disk(spec["eval_dataset"]) if spec["eval_dataset"] else None,
+            extra_callbacks=(observe.progress_callback(observe.pusher(settings, spec["run_id"])),),
+        )
+    finally:
+        distributed.leave_process_group()  # exiting with the group alive can abort the process (SIGABRT)
     if distributed.world_rank() == 0:
         Path(spec["metrics"]).write_text(json.dumps({**metrics, "worker_load_s": round(load_s, 3)}), encoding="utf-8")
     return ExitCode.OK
@@ -312,6 +315,8 @@ def main(argv: list[str] | None = None) -> int:
         log.error("run failed", exit_code=int(code), error=message)
     print(f"qlora-job: error: {message}", file=sys.stderr)
     write_termination_log(termination_log, message)
+    if args.command == "train-worker":  # its own code, in case the launcher's view of the exit is a signal
+        write_termination_log(termination_log.with_suffix(".code"), str(int(code)))
     return int(code)
 
 

@@ -79,12 +79,24 @@ def launch_workers(spec: dict, work: Path, nproc: int, run_id: str) -> None:
                          "a retry of this run resumes from it") from None
 
 
+def leave_process_group() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def _worker_cause(failed, errors: Path) -> JobError:
-    """The most telling failure: a worker's own exit code from the table, with its one-line message."""
+    """The most telling failure: a worker's own exit code from the table, with its one-line message.
+    A worker writes its code beside its message: the launcher may see a signal instead (the agent
+    stops the others once one fails)."""
     known = {int(c) for c in EXIT_CODES} - {int(ExitCode.OK), int(ExitCode.INTERNAL)}
-    # failures: global rank -> ProcessFailure(exitcode, local_rank, ...)
-    rank, first = min(failed.failures.items(), key=lambda item: (item[1].exitcode not in known, item[0]))
+    codes = {}
+    for rank, failure in failed.failures.items():  # global rank -> ProcessFailure(exitcode, ...)
+        written = errors / f"rank-{rank}.code"
+        codes[rank] = int(written.read_text().strip()) if written.exists() else failure.exitcode
+    rank = min(codes, key=lambda r: (codes[r] not in known, r))
     path = errors / f"rank-{rank}.txt"
-    message = path.read_text(encoding="utf-8").strip() if path.exists() else f"exited {first.exitcode}"
-    code = first.exitcode if first.exitcode in known else int(ExitCode.INTERNAL)
+    message = path.read_text(encoding="utf-8").strip() if path.exists() else f"exited {codes[rank]}"
+    code = codes[rank] if codes[rank] in known else int(ExitCode.INTERNAL)
     return WorkerFailed(f"worker {rank}: {message}", ExitCode(code))
