@@ -120,7 +120,8 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
             log.info("training finished on this node; node 0 verifies and publishes", node_rank=node_rank)
             return ExitCode.OK
         metrics = json.loads((work / "worker-metrics.json").read_text(encoding="utf-8"))
-    metrics.update(run_id=run_id, engine=chosen, overlength_truncated=stats["truncated"], mean_row_tokens=stats["mean_row_tokens"])
+    metrics.update(run_id=run_id, engine=chosen, overlength_truncated=stats["truncated"], mean_row_tokens=stats["mean_row_tokens"],
+                   timings={k: round(v, 3) for k, v in timings.items()})
     # Written now as well as at publish, so a run that fails a gate still leaves its numbers in the work dir.
     (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
     log.info("training finished", steps=metrics["steps"], loss_first=metrics["loss_first"], loss_last=metrics["loss_last"],
