@@ -105,7 +105,7 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
     if in_process:
         metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen, stats["mean_row_tokens"],
                                       run_uri=run_uri, resume_from=resume, eval_dataset=eval_dataset,
-                                      extra_callbacks=(observe.progress_callback(push),))
+                                      on_progress=push.update)
         del model
     else:
         dataset.save_to_disk(str(work / "train-dataset"))
@@ -205,7 +205,7 @@ def train_worker_command(spec_path: Path) -> ExitCode:
             model, tokenizer, load_from_disk(spec["dataset"]), Path(spec["adapter"]), settings, spec["engine"],
             spec["mean_row_tokens"], run_uri=spec["run_uri"], resume_from=Path(spec["resume_from"]) if spec["resume_from"] else None,
             eval_dataset=load_from_disk(spec["eval_dataset"]) if spec["eval_dataset"] else None,
-            extra_callbacks=(observe.progress_callback(observe.pusher(settings, spec["run_id"])),),
+            on_progress=observe.pusher(settings, spec["run_id"]).update,
         )
     finally:
         distributed.leave_process_group()  # exiting with the group alive can abort the process (SIGABRT)

@@ -52,26 +52,6 @@ def pusher(settings: Settings, run_id: str) -> Pusher:
     return Pusher(settings.metrics.pushgateway_url, run_id, settings.metrics.push_every_seconds)
 
 
-def progress_callback(push: Pusher):
-    """A TrainerCallback that hands each logged step to the Pusher (DDP: global rank 0 only)."""
-    from transformers import TrainerCallback
-
-    class PushProgress(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not state.is_world_process_zero or "loss" not in (logs or {}):
-                return
-            elapsed = time.perf_counter() - self.start
-            per_step = elapsed / max(state.global_step, 1)
-            push.update(step=state.global_step, max_steps=state.max_steps, loss=logs["loss"],
-                        tokens_per_second=state.num_input_tokens_seen / elapsed if elapsed else None,
-                        eta_seconds=per_step * (state.max_steps - state.global_step))
-
-    return PushProgress()
-
-
 def check_report_to(names: list[str]) -> list[str] | str:
     """The Trainer's report_to value; each named integration must be installed (exit 2 otherwise)."""
     if not names:

@@ -162,11 +162,12 @@ def check_labels(trainer, eos_token_id: int) -> dict:
     return result
 
 
-def _progress_callback(state_holder: dict):
+def _progress_callback(state_holder: dict, on_progress=None):
     from transformers import TrainerCallback
 
     class Progress(TrainerCallback):
-        """Logs step, loss, lr, tokens/s and ETA; stops training on a non-finite loss."""
+        """Logs step, loss, lr, tokens/s and ETA (and hands them to on_progress, e.g. the Pushgateway);
+        stops training on a non-finite loss."""
 
         def on_train_begin(self, args, state, control, **kwargs):
             state_holder["start"] = time.perf_counter()
@@ -190,12 +191,16 @@ def _progress_callback(state_holder: dict):
             per_step = elapsed / max(state.global_step, 1)
             if not state.is_world_process_zero:
                 return
+            tokens_per_s = state.num_input_tokens_seen / elapsed if elapsed else None
+            eta_s = per_step * (state.max_steps - state.global_step)
             log.info(
                 "progress", step=state.global_step, max_steps=state.max_steps, loss=round(loss, 4),
                 lr=logs.get("learning_rate"), grad_norm=grad_norm,
-                tokens_per_s=round(state.num_input_tokens_seen / elapsed) if elapsed else None,
-                eta_s=round(per_step * (state.max_steps - state.global_step), 1),
+                tokens_per_s=round(tokens_per_s) if tokens_per_s else None, eta_s=round(eta_s, 1),
             )
+            if on_progress is not None:
+                on_progress(step=state.global_step, max_steps=state.max_steps, loss=loss,
+                            tokens_per_second=tokens_per_s, eta_seconds=eta_s)
 
     return Progress()
 
@@ -245,7 +250,7 @@ def steady_tokens_per_second(steps: list[tuple[float, int]]) -> float | None:
 
 def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settings, engine: str = "transformers",
                   mean_row_tokens: float | None = None, run_uri: str | None = None, resume_from: Path | None = None,
-                  extra_callbacks: tuple = (), eval_dataset=None) -> dict:
+                  extra_callbacks: tuple = (), eval_dataset=None, on_progress=None) -> dict:
     """Fine-tune the LoRA adapters on the dataset, save them to adapter_dir, and return metrics.
     With run_uri, checkpoints go to <run_uri>/checkpoints/ (on schedule and on SIGTERM, then exit 143);
     resume_from continues a checkpoint (optimizer, scheduler, RNG, step). Under torchrun (DDP) every
@@ -261,7 +266,7 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
     args = sft_config(settings, work / "checkpoints", cuda, plan)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=mean_row_tokens, **plan)
     stop = checkpoint.StopRequest()
-    callbacks = [_progress_callback(holder), *extra_callbacks]
+    callbacks = [_progress_callback(holder, on_progress), *extra_callbacks]
     if run_uri is not None:
         cp = settings.checkpoint
         callbacks.append(checkpoint.checkpoint_callback(stop, run_uri, cp.every_steps, cp.every_minutes, cp.keep))
