@@ -59,6 +59,11 @@ class TrainSettings(Section):
     per_device_batch_size: int | None = Field(None, ge=1, description="Rows per micro-batch; unset: seed 2, fast micro_batch_tokens / mean row tokens.")
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="Micro-batches per optimizer step; unset: seed 4 (2 x 4 = 8 rows a step), fast 1.")
     micro_batch_tokens: int = Field(16384, ge=64, description="Fast recipe: token budget of one micro-batch (28 rows of ~580 tokens).")
+    pad_to_multiple_of: int | None = Field(
+        None, ge=1,
+        description="Pad each micro-batch's length to a multiple of this; unset: fast recipe on CUDA 64 (few distinct shapes, "
+        "so kernels and attention plans are built once, not mid-run), otherwise no extra padding.",
+    )
     learning_rate: float | None = Field(
         None, gt=0,
         description="Peak learning rate; unset: seed 2e-4, fast 2e-4 x (rows a step / the seed's 8), at most 8e-4.",

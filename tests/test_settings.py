@@ -20,7 +20,7 @@ def test_defaults_are_the_seed_tutorials_recipe(clean_env, monkeypatch):
     assert t.recipe == "fast" and t.max_steps == 60
     s.train.recipe = "seed"
     assert batch_plan(s, "unsloth") == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
-                                        "sampling": "random", "world_size": 1, "rows_per_step": 8,
+                                        "sampling": "random", "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 8,
                                         "learning_rate": 2e-4, "warmup_steps": 5}
     assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (None, None, "linear", None)
     assert (t.weight_decay, t.seed, s.model.max_seq_length, s.model.load_in_4bit) == (0.01, 3407, 2048, True)
@@ -113,7 +113,9 @@ def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean
     plan = batch_plan(s, "unsloth", mean_row_tokens=580)
     assert plan.pop("learning_rate") == pytest.approx(2e-4 * 3.5)
     assert plan == {"per_device_batch_size": 28, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length",
-                    "world_size": 1, "rows_per_step": 28, "warmup_steps": 2}
+                    "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 28, "warmup_steps": 2}
+    # On a GPU, lengths are padded to a multiple of 64 so shapes repeat (kernels are not rebuilt mid-run).
+    assert batch_plan(s, "unsloth", mean_row_tokens=580, cuda=True)["pad_to_multiple_of"] == 64
     # Two GPUs double the rows a step; the learning-rate scale is capped at 4x.
     assert batch_plan(s, "unsloth", mean_row_tokens=580, world_size=2)["rows_per_step"] == 56
     assert batch_plan(s, "unsloth", mean_row_tokens=20)["learning_rate"] == pytest.approx(8e-4)
@@ -121,6 +123,8 @@ def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean
     monkeypatch.setenv("QLORA_TRAIN__WARMUP_STEPS", "0")
     assert (batch_plan(load_settings(), "unsloth", mean_row_tokens=580)["learning_rate"],
             batch_plan(load_settings(), "unsloth", mean_row_tokens=580)["warmup_steps"]) == (1e-3, 0)
+    monkeypatch.setenv("QLORA_TRAIN__PAD_TO_MULTIPLE_OF", "8")
+    assert batch_plan(load_settings(), "unsloth", mean_row_tokens=580)["pad_to_multiple_of"] == 8
     monkeypatch.setenv("QLORA_TRAIN__PACKING", "true")
     monkeypatch.setenv("QLORA_TRAIN__MICRO_BATCH_TOKENS", "65536")
     monkeypatch.setenv("QLORA_TRAIN__GRADIENT_ACCUMULATION_STEPS", "2")

@@ -68,3 +68,18 @@ def test_overlength_rows_are_rejected_with_their_line_or_kept_for_truncation(tmp
     report = validate_dataset(source, tmp_path / "again")
     dataset, stats = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
     assert (len(dataset), stats["rejected"], stats["truncated"]) == (2, 0, 1)
+
+
+
+def test_garbage_collections_during_training_are_timed_and_the_hook_removed():
+    import gc
+
+    from job.train import _timed_gc
+
+    pauses = []
+    with _timed_gc(pauses):
+        gc.collect()
+    assert pauses and pauses[-1][0] == 2 and pauses[-1][1] >= 0
+    count = len(pauses)
+    gc.collect()
+    assert len(pauses) == count  # the hook is gone after training
