@@ -62,7 +62,7 @@ class TrainSettings(Section):
     pad_to_multiple_of: int | None = Field(
         None, ge=1,
         description="Pad each micro-batch's length to a multiple of this; unset: fast recipe on CUDA 64 (few distinct shapes, "
-        "so kernels and attention plans are built once, not mid-run), otherwise no extra padding.",
+        "so attention plans are built for few lengths), otherwise no extra padding.",
     )
     learning_rate: float | None = Field(
         None, gt=0,

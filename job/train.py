@@ -62,9 +62,9 @@ def batch_plan(settings: Settings, engine: str, mean_row_tokens: float | None = 
         per_device = min(per_device, max(1, math.ceil(dataset_rows / world_size)))
     accumulation = train.gradient_accumulation_steps or (4 if seed else 1)
     sampling = "group_by_length" if not seed and not packing else "random"
-    # Every new micro-batch length costs a kernel specialisation or an attention plan the first
-    # time it is seen (a stall of ~1 s; under DDP the other rank waits for it). Lengths padded to
-    # a multiple of 64 repeat early, for a few percent more padding on a GPU that mostly waits anyway.
+    # Every new micro-batch length costs a cuDNN attention plan the first time it is seen (steps of
+    # 0.33-0.46 s instead of ~0.25 s on an H200; under DDP the other rank waits). Lengths padded to a
+    # multiple of 64 repeat early, for a few percent more padding on a GPU that mostly waits anyway.
     pad_to = train.pad_to_multiple_of or (64 if cuda and not seed and not packing else None)
     # Fewer, larger steps see the same tokens in fewer updates: unless set, the learning rate grows
     # with the rows a step, up to 4x (measured on an H200 at equal tokens against the seed recipe:
@@ -260,8 +260,8 @@ def steady_tokens_per_second(steps: list[tuple[float, int]]) -> float | None:
 @contextlib.contextmanager
 def _timed_gc(pauses: list):
     """Record Python's garbage collections while training: a full pass over a large heap can stall a
-    step, and under DDP every rank waits for it (measured on an H200: ~3.5 s over a 50-step run,
-    most of it while the first step compiles; not the cause of the 1.5 s DDP stalls)."""
+    step, and under DDP every rank waits for it (measured on an H200: 6-7 full collections in a
+    50-step run, the longest 0.6-0.7 s; not the cause of the 1.5 s DDP stalls, bench/RESULTS.md)."""
     started = []
 
     def timer(phase, info):
