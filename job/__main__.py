@@ -196,6 +196,7 @@ def train_worker_command(spec_path: Path) -> ExitCode:
 
     spec = json.loads(spec_path.read_text(encoding="utf-8"))
     settings = load_settings()
+    configure_logging(settings.log_format, settings.log_level)
     bind(stage="train", rank=distributed.world_rank())
     started = time.perf_counter()
     model, tokenizer = engine.load_for_training(settings, spec["engine"], spec["source"])
@@ -285,7 +286,6 @@ def main(argv: list[str] | None = None) -> int:
             print(make_tiny_model(args.dir))
             return ExitCode.OK
         if args.command == "train-worker":
-            configure_logging(os.environ.get("QLORA_LOG_FORMAT", "auto"), os.environ.get("QLORA_LOG_LEVEL", "info"))
             return train_worker_command(args.spec)
         if args.command == "validate-data":
             return validate_data_command(args.uri, args.max_reject_ratio, Path(os.environ.get("QLORA_WORK_DIR", "/tmp/qlora-job")))

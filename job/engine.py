@@ -55,7 +55,8 @@ def fetch_base_model(settings: Settings) -> str:
     return name
 
 
-def _hub_kwargs(settings: Settings) -> dict:
+def hub_kwargs(settings: Settings) -> dict:
+    """from_pretrained arguments for the base model: its revision, the token, never remote code."""
     kwargs = {"revision": settings.model.revision, "trust_remote_code": False}
     if settings.hf_token is not None:
         kwargs["token"] = settings.hf_token.get_secret_value()
@@ -112,10 +113,11 @@ def load_for_training(settings: Settings, engine: str, source: str):
         try:
             model, tokenizer = FastLanguageModel.from_pretrained(
                 model_name=source, max_seq_length=settings.model.max_seq_length, dtype=None,
-                load_in_4bit=settings.model.load_in_4bit, **_hub_kwargs(settings),
+                load_in_4bit=settings.model.load_in_4bit, **hub_kwargs(settings),
             )
         except (OSError, ValueError, KeyError, RuntimeError) as error:
             raise _load_errors(source, error) from None
+        _set_chat_template(tokenizer, settings.model.chat_template)
         model = FastLanguageModel.get_peft_model(
             model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             bias="none", use_gradient_checkpointing=gradient_checkpointing(settings, engine, model.config),
@@ -125,7 +127,7 @@ def load_for_training(settings: Settings, engine: str, source: str):
         import torch
         from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 
-        model, tokenizer = _load_hf(settings, source)
+        tokenizer, model = load_tokenizer(settings, source), _load_hf_model(settings, source)
         gc = gradient_checkpointing(settings, engine, model.config)
         if getattr(model, "is_loaded_in_4bit", False):
             model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
@@ -137,7 +139,6 @@ def load_for_training(settings: Settings, engine: str, source: str):
             r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
             bias="none", task_type="CAUSAL_LM",
         ))
-    _set_chat_template(tokenizer, settings.model.chat_template)
     return model, tokenizer
 
 
@@ -146,20 +147,20 @@ def load_tokenizer(settings: Settings, source: str):
     from transformers import AutoTokenizer
 
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(settings))
-    except (OSError, ValueError, KeyError) as error:
+        tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(settings))
+    except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise _load_errors(source, error) from None
     _set_chat_template(tokenizer, settings.model.chat_template)
     return tokenizer
 
 
-def _load_hf(settings: Settings, source: str):
+def _load_hf_model(settings: Settings, source: str):
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     cuda = has_cuda()
     dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    kwargs = {"dtype": dtype, "use_safetensors": True, **_hub_kwargs(settings)}
+    kwargs = {"dtype": dtype, "use_safetensors": True, **hub_kwargs(settings)}
     if cuda:
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # torchrun: one GPU per worker
         if settings.model.load_in_4bit:
@@ -167,11 +168,9 @@ def _load_hf(settings: Settings, source: str):
                 load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
             )
     try:
-        tokenizer = AutoTokenizer.from_pretrained(source, **_hub_kwargs(settings))
-        model = AutoModelForCausalLM.from_pretrained(source, **kwargs)
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
     except (OSError, ValueError, KeyError, RuntimeError) as error:
         raise _load_errors(source, error) from None
-    return model, tokenizer
 
 
 def load_for_inference(settings: Settings, engine: str, source: str, adapter_dir: Path):
@@ -184,10 +183,10 @@ def load_for_inference(settings: Settings, engine: str, source: str, adapter_dir
 
         base, _ = FastLanguageModel.from_pretrained(
             model_name=source, max_seq_length=settings.model.max_seq_length, dtype=None,
-            load_in_4bit=settings.model.load_in_4bit, **_hub_kwargs(settings),
+            load_in_4bit=settings.model.load_in_4bit, **hub_kwargs(settings),
         )
     else:
-        base, _ = _load_hf(settings, source)
+        base = _load_hf_model(settings, source)
     try:
         model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
         tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))

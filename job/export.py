@@ -5,6 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from job.engine import hub_kwargs
 from job.errors import ConfigError, ExportError
 from job.logs import get_logger
 from job.settings import Settings
@@ -50,8 +51,7 @@ def merge_adapter(settings: Settings, engine: str, source: str, adapter_dir: Pat
             from transformers import AutoModelForCausalLM, AutoTokenizer
 
             dtype = torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16
-            base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, trust_remote_code=False,
-                                                        revision=settings.model.revision)
+            base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **hub_kwargs(settings))
             model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
             model.save_pretrained(str(merged_dir), safe_serialization=True)
             AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(merged_dir))
