@@ -17,6 +17,11 @@ from job.settings import Settings
 
 log = get_logger(__name__)
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no phoning home from a cluster
+# Unsloth's Triton fused cross-entropy compiles again, ~1 s on each card, the first time a batch's count
+# of trained tokens falls in a new divisibility case: stalls mid-training that DDP ranks wait on. Its
+# torch.compile'd chunked loss gives the same losses (to 1e-4) without them and a first step ~10 s shorter
+# (H200, bench/RESULTS.md run 13). UNSLOTH_FUSED_LINEAR=1 in the environment brings the fused loss back.
+os.environ.setdefault("UNSLOTH_FUSED_LINEAR", "0")
 
 
 def has_cuda() -> bool:

@@ -83,3 +83,19 @@ def test_garbage_collections_during_training_are_timed_and_the_hook_removed():
     count = len(pauses)
     gc.collect()
     assert len(pauses) == count  # the hook is gone after training
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "0"), ("1", "1")])
+def test_unsloth_fused_loss_is_off_unless_the_environment_asks_for_it(given, expected):
+    """The engine turns Unsloth's Triton fused cross-entropy off before Unsloth is imported (mid-training
+    recompiles, bench/RESULTS.md run 13); a value set in the pod's environment wins."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if k != "UNSLOTH_FUSED_LINEAR"}
+    if given is not None:
+        env["UNSLOTH_FUSED_LINEAR"] = given
+    out = subprocess.run([sys.executable, "-c", "import os, job.engine; print(os.environ['UNSLOTH_FUSED_LINEAR'])"],
+                         env=env, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == expected
