@@ -94,6 +94,10 @@ def main(out: Path) -> None:
         # kernels specialise on the count of trained tokens (divisible by 16 or not), and each new case
         # compiles for ~1 s in the middle of training, on each card (runs 11-13).
         "job_fast_fused": {"QLORA_TRAIN__MAX_STEPS": fast_steps, "UNSLOTH_FUSED_LINEAR": "1"},
+        # The loss reduced (a device sync, a collective under DDP) every 10th step instead of every step:
+        # is that part of the ~50 ms a DDP step costs over one GPU (run 13)? Not run yet.
+        "job_fast_log10": {"QLORA_TRAIN__MAX_STEPS": one_gpu_steps, "QLORA_TRAIN__LOGGING_STEPS": "10"},
+        "job_ddp2_log10": {**ddp2, "QLORA_TRAIN__LOGGING_STEPS": "10"},
     }
     job_pythonpath = os.environ.get("PYTHONPATH", "")
     hook_code = []
@@ -176,7 +180,7 @@ def _report(results: dict, out: Path) -> None:
     rows = [("anchor (seed, gpu_anchor.py unsloth)", base, anchor.get("tok_per_step"), anchor.get("peak_mem_gib"),
              anchor.get("load_s"), anchor.get("wall_s"), None, None)]
     for name in ("job_fast_prime", "job_seed", "job_fast", "job_fast_32k", "job_packed_16k", "job_e2e", "job_ddp2",
-                 "job_fast_after", "job_ddp2_after", "job_fast_fused"):
+                 "job_fast_after", "job_ddp2_after", "job_fast_fused", "job_fast_log10", "job_ddp2_log10"):
         r = results.get(name)
         if not r:
             continue
@@ -206,7 +210,8 @@ def _report(results: dict, out: Path) -> None:
                          f"{sum(t > 1.5 * median for t in times)} |")
     # (result key, two-GPU run, its one-GPU runs)
     pairs = (("ddp_scaling", "job_ddp2", ("job_fast", "job_fast_after")),
-             ("ddp_scaling_second_run", "job_ddp2_after", ("job_fast", "job_fast_after")))
+             ("ddp_scaling_second_run", "job_ddp2_after", ("job_fast", "job_fast_after")),
+             ("ddp_scaling_log10", "job_ddp2_log10", ("job_fast_log10",)))
     for key, name, singles in pairs:
         two_run, one_runs = results.get(name, {}), [results[n] for n in singles if n in results]
         ones = [v for r in one_runs if (v := r.get("steady_tokens_per_second"))]
@@ -232,12 +237,16 @@ def _report(results: dict, out: Path) -> None:
 
 
 def window_tokens_per_second(run: dict, skip: float = 0.2) -> float | None:
-    """Tokens/s over the steps after the first `skip` share of a run, from its per-step log."""
+    """Tokens/s from the first logged step after the first `skip` share of a run to its last logged
+    step, from the loss curve's token counts and the per-step times (any logging interval)."""
     times, curve = run.get("step_seconds"), run.get("loss_curve")
-    if not times or not curve or len(curve) != len(times):
-        return None  # needs a loss point every step (logging_steps=1, the default)
-    start = max(1, round(skip * len(times)))
-    return (curve[-1]["tokens"] - curve[start - 1]["tokens"]) / sum(times[start:])
+    if not times or not curve:
+        return None
+    points = [p for p in curve if p["step"] >= max(1, round(skip * len(times)))]
+    if len(points) < 2:
+        return None
+    first, last = points[0], points[-1]
+    return (last["tokens"] - first["tokens"]) / sum(times[first["step"]:last["step"]])
 
 
 def _card() -> str:
