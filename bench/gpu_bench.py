@@ -138,25 +138,15 @@ def main(out: Path) -> None:
         print(f"{name}: exit {code} in {secs:.1f} s", flush=True)
         (out / "bench.json").write_text(json.dumps(results, indent=1))  # partial results survive a time-out
 
-    sweep = prime = None
+    sweep = None
     if os.environ.get("SWEEP_GPU"):  # the in-process sweep (gpu_sweep.py) on another card, alongside
         sweep = subprocess.Popen([sys.executable, str(HERE / "gpu_sweep.py"), str(out / "sweep")], cwd=REPO,
                                  env={**env, "CUDA_VISIBLE_DEVICES": os.environ["SWEEP_GPU"]},
                                  stdout=open(out / "sweep.log", "w"), stderr=subprocess.STDOUT)  # noqa: SIM115 (open while it runs)
-    if os.environ.get("PRIME_GPU"):
-        # job_fast once on another card while the anchor runs, to fill the Triton and Inductor caches on
-        # disk before the timed runs. Run 12 found Triton's cache entries from one card unused by a
-        # process on the other card, so this primes little; kept to reproduce run 12.
-        prime_env = {**job_env("job_fast_prime", variants["job_fast"]), "CUDA_VISIBLE_DEVICES": os.environ["PRIME_GPU"]}
-        prime = (subprocess.Popen([sys.executable, "-m", "job"], env=prime_env, cwd=REPO,
-                                  stdout=open(out / "job_fast_prime.log", "w"), stderr=subprocess.STDOUT),  # noqa: SIM115
-                 time.perf_counter())
     anchor_steps = os.environ.get("STEPS_ANCHOR", "25")
     code, secs = sh([sys.executable, str(HERE / "gpu_anchor.py"), "unsloth", str(out)], {**gpu0, "STEPS": anchor_steps}, out / "anchor.log")
     results["anchor"] = json.loads((out / "unsloth.json").read_text()) if code == 0 else {"exit": code}
     results["anchor"]["wall_s"] = round(secs, 1)
-    if prime is not None:
-        record("job_fast_prime", prime[0].wait(), time.perf_counter() - prime[1])
 
     only = os.environ.get("VARIANTS")
     for name, extra in variants.items():
@@ -179,10 +169,8 @@ def _report(results: dict, out: Path) -> None:
     seed_end = seed_curve[-1]["tokens"] if seed_curve else 0
     rows = [("anchor (seed, gpu_anchor.py unsloth)", base, anchor.get("tok_per_step"), anchor.get("peak_mem_gib"),
              anchor.get("load_s"), anchor.get("wall_s"), None, None)]
-    for name in ("job_fast_prime", "job_seed", "job_fast", "job_fast_32k", "job_packed_16k", "job_e2e", "job_ddp2",
-                 "job_fast_after", "job_ddp2_after", "job_fast_fused", "job_fast_log10", "job_ddp2_log10"):
-        r = results.get(name)
-        if not r:
+    for name, r in results.items():
+        if not name.startswith("job_"):
             continue
         gap = None
         if seed_curve and r.get("loss_curve") and name != "job_seed":

@@ -261,7 +261,7 @@ def steady_tokens_per_second(steps: list[tuple[float, int]]) -> float | None:
 def _timed_gc(pauses: list):
     """Record Python's garbage collections while training: a full pass over a large heap can stall a
     step, and under DDP every rank waits for it (measured on an H200: 6-7 full collections in a
-    50-step run, the longest 0.6-0.7 s; not the cause of the 1.5 s DDP stalls, bench/RESULTS.md)."""
+    50-step run, the longest 0.6-0.7 s; the 1.5 s DDP stalls were Triton recompiles, job/engine.py)."""
     started = []
 
     def timer(phase, info):
