@@ -42,6 +42,20 @@ def node_layout() -> tuple[int, int, str, int]:
     return nodes, rank, os.environ.get("PET_MASTER_ADDR", "127.0.0.1"), int(os.environ.get("PET_MASTER_PORT", "29500"))
 
 
+def threads_per_worker(nproc: int) -> int:
+    """CPU threads each training process gets: the pod's CPUs (its cgroup v2 quota, else its CPU set)
+    shared between the local processes. Each process's torch would otherwise start one thread a core
+    of the host, however few the pod may use."""
+    cpus = len(os.sched_getaffinity(0))
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()
+        if quota != "max":
+            cpus = min(cpus, max(1, int(quota) // int(period)))
+    except (OSError, ValueError):
+        pass  # no cgroup v2 CPU limit visible
+    return max(1, cpus // nproc)
+
+
 def world_rank() -> int:
     """Global rank inside a worker (0 outside torchrun)."""
     return int(os.environ.get("RANK", "0"))
@@ -69,7 +83,11 @@ def launch_workers(spec: dict, work: Path, nproc: int, run_id: str) -> None:
         monitor_interval=1, start_method="spawn", **options,
         logs_specs=DefaultLogsSpecs(log_dir=str(work / "worker-logs")),  # workers write straight to the pod's log
     )
-    log.info("starting training workers", nproc_per_node=nproc, nodes=nodes, node_rank=node_rank, master=f"{master}:{port}")
+    # torchrun's command line sets OMP_NUM_THREADS=1 for each worker unless it is set; its launcher API,
+    # used here, does not, so each worker's torch would take every core for itself.
+    threads = os.environ.setdefault("OMP_NUM_THREADS", str(threads_per_worker(nproc)))
+    log.info("starting training workers", nproc_per_node=nproc, nodes=nodes, node_rank=node_rank, master=f"{master}:{port}",
+             omp_num_threads=threads)
     try:
         elastic_launch(config, entrypoint=sys.executable)("-m", "job", "train-worker", str(spec_path))
     except ChildFailedError as failed:

@@ -372,5 +372,6 @@ def train_adapter(model, tokenizer, dataset, adapter_dir: Path, settings: Settin
         "batch_plan": plan,
         "peak_gpu_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         "world_size": world_size,
+        "cpu_threads": torch.get_num_threads(),
         "label_check": labels,
     }

@@ -2,6 +2,7 @@
 the same code path a multi-GPU pod takes, with two workers on this machine's two cores."""
 
 import json
+import os
 
 import pytest
 
@@ -19,6 +20,8 @@ def test_two_workers_train_one_adapter_that_reproduces_what_it_learned(s3, bucke
     metrics = json.loads(s3.get_object(Bucket=bucket, Key="runs/ddp-1/metrics.json")["Body"].read())
     verify = json.loads(s3.get_object(Bucket=bucket, Key="runs/ddp-1/verify.json")["Body"].read())
     assert metrics["world_size"] == 2 and metrics["batch_plan"]["world_size"] == 2
+    # Two workers share this machine's two cores: one torch thread each, as torchrun's command line sets.
+    assert metrics["cpu_threads"] == max(1, len(os.sched_getaffinity(0)) // 2)
     assert metrics["loss_last"] < 0.2 * metrics["loss_first"]
     assert verify["passed"] and all(p["matches_expected"] for p in verify["probes"])
     # Rank 0 alone logs progress: one progress line per step, not two.
