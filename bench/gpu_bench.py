@@ -98,6 +98,9 @@ def main(out: Path) -> None:
         # is that part of the ~50 ms a DDP step costs over one GPU (run 13)? Not run yet.
         "job_fast_log10": {"QLORA_TRAIN__MAX_STEPS": one_gpu_steps, "QLORA_TRAIN__LOGGING_STEPS": "10"},
         "job_ddp2_log10": {**ddp2, "QLORA_TRAIN__LOGGING_STEPS": "10"},
+        # One GPU with the torch threads a worker gets when two share the machine (job/distributed.py):
+        # does the training process lose anything by it?
+        "job_fast_half_threads": {"QLORA_TRAIN__MAX_STEPS": one_gpu_steps, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2))},
     }
     job_pythonpath = os.environ.get("PYTHONPATH", "")
     hook_code = []
