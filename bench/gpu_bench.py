@@ -100,7 +100,11 @@ def main(out: Path) -> None:
         "job_ddp2_log10": {**ddp2, "QLORA_TRAIN__LOGGING_STEPS": "10"},
         # One GPU with the torch threads a worker gets when two share the machine (job/distributed.py):
         # does the training process lose anything by it?
-        "job_fast_half_threads": {"QLORA_TRAIN__MAX_STEPS": one_gpu_steps, "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2))},
+        "job_fast_half_threads": (half_threads := {"QLORA_TRAIN__MAX_STEPS": one_gpu_steps,
+                                                   "OMP_NUM_THREADS": str(max(1, len(os.sched_getaffinity(0)) // 2))}),
+        "job_fast_half_threads_after": half_threads,
+        # Two workers with torch's default of one thread a core each, as before the job set OMP_NUM_THREADS.
+        "job_ddp2_all_threads": {**ddp2, "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))},
     }
     job_pythonpath = os.environ.get("PYTHONPATH", "")
     hook_code = []
@@ -151,10 +155,9 @@ def main(out: Path) -> None:
     results["anchor"] = json.loads((out / "unsloth.json").read_text()) if code == 0 else {"exit": code}
     results["anchor"]["wall_s"] = round(secs, 1)
 
-    only = os.environ.get("VARIANTS")
-    for name, extra in variants.items():
-        if only and name not in only.split(","):
-            continue
+    # VARIANTS picks runs and their order (interleave A, B, A, B to see drift); default: all, as listed.
+    for name in os.environ.get("VARIANTS", ",".join(variants)).split(","):
+        extra = variants[name]
         if name.startswith("job_ddp") and sweep is not None and sweep.poll() is None:
             sweep.wait()  # DDP needs both cards
         code, secs = sh([sys.executable, "-m", "job"], job_env(name, extra), out / f"{name}.log")
@@ -202,7 +205,8 @@ def _report(results: dict, out: Path) -> None:
     # (result key, two-GPU run, its one-GPU runs)
     pairs = (("ddp_scaling", "job_ddp2", ("job_fast", "job_fast_after")),
              ("ddp_scaling_second_run", "job_ddp2_after", ("job_fast", "job_fast_after")),
-             ("ddp_scaling_log10", "job_ddp2_log10", ("job_fast_log10",)))
+             ("ddp_scaling_log10", "job_ddp2_log10", ("job_fast_log10",)),
+             ("ddp_scaling_all_threads", "job_ddp2_all_threads", ("job_fast", "job_fast_after")))
     for key, name, singles in pairs:
         two_run, one_runs = results.get(name, {}), [results[n] for n in singles if n in results]
         ones = [v for r in one_runs if (v := r.get("steady_tokens_per_second"))]
