@@ -67,7 +67,7 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
         data.check_report(eval_report, settings.data.max_reject_ratio)
 
     # Periodic retraining: nothing to do when data, settings and base model are those of the latest run.
-    identity = retrain.identity(report.sha256, settings)
+    identity = retrain.identity(report.sha256, settings, engine.base_model_fingerprint(settings))
     latest = retrain.read_latest(settings.output_uri)
     if settings.retrain.skip_unchanged and retrain.unchanged_since(latest, identity):
         log.info("unchanged since the latest published run; skipping", latest_run=latest["run_id"],
@@ -168,8 +168,7 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
         "run_id": run_id,
         "dataset": {"uri": settings.dataset_uri, "sha256": report.sha256, "rows_accepted": report.accepted,
                     "rows_rejected": report.rejected},
-        "base_model": {"name": settings.model.name, "revision": settings.model.revision,
-                       "fingerprint": publish.model_fingerprint(base_source)},
+        "base_model": identity["base_model"],
         "engine": chosen,
         "settings": redacted(settings),
         "settings_sha256": identity["settings_sha256"],

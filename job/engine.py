@@ -60,6 +60,16 @@ def fetch_base_model(settings: Settings) -> str:
     return name
 
 
+def base_model_fingerprint(settings: Settings) -> str | None:
+    """What names the base model's content before it is fetched (periodic retraining compares it):
+    an S3 prefix's keys, sizes and ETags, a local folder's file hashes. None for a hub id, whose
+    QLORA_MODEL__REVISION stands for its content (pin a commit for an exact comparison)."""
+    name = settings.model.name
+    if storage.is_s3(name) or name.startswith("file://") or Path(name).is_dir():
+        return storage.content_fingerprint(name)
+    return None
+
+
 def hub_kwargs(settings: Settings) -> dict:
     """from_pretrained arguments for the base model: its revision, the token, never remote code."""
     kwargs = {"revision": settings.model.revision, "trust_remote_code": False}

@@ -2,7 +2,6 @@
 manifest is incomplete and two racing pods never both publish."""
 
 import datetime
-import hashlib
 import json
 from importlib import metadata
 from pathlib import Path
@@ -30,19 +29,6 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             continue
     return versions
-
-
-def model_fingerprint(source: str) -> str | None:
-    """sha256 over a local model folder's file names, sizes and config: cheap, and changes when the weights do."""
-    folder = Path(source)
-    if not folder.is_dir():
-        return None
-    digest = hashlib.sha256()
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.name != ".complete"):
-        digest.update(f"{path.relative_to(folder).as_posix()}:{path.stat().st_size}\n".encode())
-        if path.suffix == ".json":
-            digest.update(path.read_bytes())
-    return digest.hexdigest()
 
 
 def publish_run(run_dir: Path, run_uri: str, manifest: dict) -> dict | None:

@@ -35,10 +35,11 @@ def read_latest(output_uri: str) -> dict | None:
         return None
 
 
-def identity(dataset_sha256: str, settings: Settings) -> dict:
-    """What a retrain compares: the data, the settings, the base model and its revision."""
+def identity(dataset_sha256: str, settings: Settings, model_fingerprint: str | None) -> dict:
+    """What a retrain compares: the data, the settings, the base model (name, revision, and the
+    fingerprint of its content where it has one: engine.base_model_fingerprint)."""
     return {"dataset_sha256": dataset_sha256, "settings_sha256": settings_sha256(settings),
-            "base_model": {"name": settings.model.name, "revision": settings.model.revision}}
+            "base_model": {"name": settings.model.name, "revision": settings.model.revision, "fingerprint": model_fingerprint}}
 
 
 def unchanged_since(latest: dict | None, current: dict) -> bool:
@@ -55,7 +56,7 @@ def move_latest(output_uri: str, manifest: dict) -> None:
     body = {"run_id": manifest["run_id"], "manifest": storage.join(output_uri, manifest["run_id"], MANIFEST),
             "published_at": manifest["published_at"], "dataset_sha256": manifest["dataset"]["sha256"],
             "settings_sha256": manifest.get("settings_sha256"),
-            "base_model": {"name": manifest["base_model"]["name"], "revision": manifest["base_model"]["revision"]}}
+            "base_model": manifest["base_model"]}
     storage.put_bytes(json.dumps(body, indent=2).encode(), storage.join(output_uri, LATEST))
     log.info("latest.json moved", run_id=manifest["run_id"])
 

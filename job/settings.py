@@ -97,7 +97,8 @@ class CheckpointSettings(Section):
 class RetrainSettings(Section):
     skip_unchanged: bool = Field(
         True, description="Exit 0 without training when the dataset's sha256, the training settings and the base model "
-        "name and revision equal those of the run latest.json points to (periodic retraining).",
+        "(name, revision, and content: S3 ETags or local file hashes) equal those of the run latest.json points to "
+        "(periodic retraining).",
     )
     keep_runs: int = Field(0, ge=0, description="Published runs kept under the output prefix, newest first (0: keep all). "
                            "Runs without a manifest are never deleted.")

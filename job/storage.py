@@ -241,13 +241,31 @@ def list_keys(uri: str) -> list[str]:
     if not is_s3(uri):
         root = local_path(uri)
         return sorted(p.relative_to(root).as_posix() for p in root.rglob("*") if p.is_file()) if root.is_dir() else []
+    return sorted(key for key, _ in _s3_objects(uri))
+
+
+def _s3_objects(uri: str) -> Iterator[tuple[str, dict]]:
+    """(path relative to the prefix, ListObjectsV2 entry) for every object under an S3 prefix."""
     bucket, prefix = _split(uri)
     prefix = prefix.rstrip("/") + "/" if prefix else ""
-    keys = []
     with _errors(uri):
         for page in client().get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix):
-            keys.extend(item["Key"][len(prefix):] for item in page.get("Contents", []))
-    return sorted(keys)
+            for item in page.get("Contents", []):
+                yield item["Key"][len(prefix):], item
+
+
+def content_fingerprint(uri: str) -> str:
+    """sha256 that changes when anything under a prefix or folder does: S3 objects by key, size and
+    ETag (one listing, nothing downloaded); local files by path and the sha256 of their bytes."""
+    digest = hashlib.sha256()
+    if is_s3(uri):
+        for key, item in sorted(_s3_objects(uri), key=lambda pair: pair[0]):
+            digest.update(f"{key}:{item['Size']}:{item['ETag']}\n".encode())
+    else:
+        root = local_path(uri)
+        for key in list_keys(uri):
+            digest.update(f"{key}:{sha256_file(root / key)}\n".encode())
+    return digest.hexdigest()
 
 
 def delete_keys(uri: str, keys: list[str]) -> None:

@@ -5,6 +5,7 @@ rendezvous. Real S3 (moto server), real converter (llama.cpp's script), CPU trai
 import http.server
 import json
 import os
+import shutil
 import struct
 import threading
 from pathlib import Path
@@ -36,8 +37,10 @@ def _run_ids(s3, bucket):
     return sorted({k.split("/")[1] for k in _objects(s3, bucket, "runs/") if k.count("/") >= 2})
 
 
-def test_retraining_skips_unchanged_moves_latest_and_keeps_the_newest_runs(s3, bucket, job_env):
-    env = {**job_env, "QLORA_RETRAIN__KEEP_RUNS": "2"}
+def test_retraining_skips_unchanged_moves_latest_and_keeps_the_newest_runs(s3, bucket, job_env, tiny_model, tmp_path):
+    base = tmp_path / "base"  # a base model folder this test may change in place
+    shutil.copytree(tiny_model, base)
+    env = {**job_env, "QLORA_RETRAIN__KEEP_RUNS": "2", "QLORA_MODEL__NAME": str(base)}
     assert run_job(env={**env, "QLORA_RUN_ID": "day-1"}).returncode == 0
     latest = _json(s3, bucket, "runs/latest.json")
     manifest = _json(s3, bucket, "runs/day-1/manifest.json")
@@ -56,6 +59,17 @@ def test_retraining_skips_unchanged_moves_latest_and_keeps_the_newest_runs(s3, b
     assert skipped and skipped[0]["latest_run"] == "day-1"
     assert not any(e["event"] == "model loaded" for e in _events(same.stdout))
     assert "day-2" not in _run_ids(s3, bucket) and _json(s3, bucket, "runs/latest.json")["run_id"] == "day-1"
+
+    # The base model's weights replaced in place (same names, same sizes): that is a change, it retrains.
+    from safetensors.torch import load_file, save_file
+
+    weights = load_file(base / "model.safetensors")
+    save_file({name: tensor * 1.01 for name, tensor in weights.items()}, base / "model.safetensors", metadata={"format": "pt"})
+    changed = run_job(env={**env, "QLORA_RUN_ID": "day-2b"})
+    assert changed.returncode == 0, changed.stderr
+    assert any(e["event"] == "model loaded" for e in _events(changed.stdout))
+    fingerprints = [_json(s3, bucket, f"runs/{r}/manifest.json")["base_model"]["fingerprint"] for r in ("day-1", "day-2b")]
+    assert fingerprints[0] != fingerprints[1] and _json(s3, bucket, "runs/latest.json")["base_model"]["fingerprint"] == fingerprints[1]
 
     # A changed setting retrains; so does changed data. A run left without a manifest is never deleted.
     s3.put_object(Bucket=bucket, Key="runs/crashed/adapter/partial.bin", Body=b"x")

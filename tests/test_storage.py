@@ -38,6 +38,29 @@ def test_prefix_download_keeps_relative_paths(s3, bucket, tmp_path):
     assert got == {"config.json": b"{}", "model.safetensors": files["model/model.safetensors"], "sub/tokenizer.json": b"[1]"}
 
 
+def test_content_fingerprint_changes_with_any_object_of_a_prefix_or_folder(s3, bucket, tmp_path):
+    """Periodic retraining compares it to tell a base model replaced in place (same names, same sizes)."""
+    weights = os.urandom(4096)
+    s3.put_object(Bucket=bucket, Key="base/config.json", Body=b"{}")
+    s3.put_object(Bucket=bucket, Key="base/model.safetensors", Body=weights)
+    s3.put_object(Bucket=bucket, Key="basex/other", Body=b"not under the prefix")
+    folder = tmp_path / "base"
+    folder.mkdir()
+    (folder / "config.json").write_bytes(b"{}")
+    (folder / "model.safetensors").write_bytes(weights)
+    for uri, rewrite in ((f"s3://{bucket}/base", lambda body: s3.put_object(Bucket=bucket, Key="base/model.safetensors", Body=body)),
+                         (str(folder), (folder / "model.safetensors").write_bytes)):
+        first = storage.content_fingerprint(uri)
+        assert storage.content_fingerprint(uri) == first
+        rewrite(weights)  # written again, the same bytes: the same content
+        assert storage.content_fingerprint(uri) == first
+        rewrite(bytes(reversed(weights)))  # other weights of the same size
+        assert storage.content_fingerprint(uri) != first
+        rewrite(weights)
+        assert storage.content_fingerprint(uri) == first
+    assert storage.content_fingerprint(f"file://{folder}") == storage.content_fingerprint(str(folder))
+
+
 def test_empty_prefix_is_a_permanent_error(bucket, tmp_path):
     with pytest.raises(StorageError, match="no objects under") as error:
         storage.fetch_prefix(f"s3://{bucket}/nothing-here", tmp_path)
