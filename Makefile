@@ -51,15 +51,19 @@ test: install tools ## Run the test suite (CPU; GPU tests are deselected)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 .PHONY: tools
-tools: $(HELM) $(KUBECTL) $(LLAMA_CPP)/convert_hf_to_gguf.py ## Fetch helm, kubectl and llama.cpp's GGUF converter for the tests
+tools: $(HELM) $(KUBECTL) $(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf ## Fetch helm, kubectl and llama.cpp's GGUF converter for the tests
 
-# llama.cpp's converter is Python; it ships inside the llama-cpp-python sdist (checked by sha256).
-$(LLAMA_CPP)/convert_hf_to_gguf.py: $(STAMP)
+# llama.cpp's converter is Python; it ships inside the llama-cpp-python sdist (checked by sha256), with
+# its gguf package (installed: transformers reads GGUF files through it) and Qwen2's real vocabulary as
+# a GGUF file, which the GGUF test builds its model's tokenizer from (the converter knows that one).
+$(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf: $(STAMP)
 	rm -rf .tools/llama-download $(LLAMA_CPP) && mkdir -p .tools/llama-download $(LLAMA_CPP)
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: $(LLAMA_CPP_SDIST) -d .tools/llama-download
 	echo "$(LLAMA_CPP_SHA256)  $$(ls .tools/llama-download/*.tar.gz)" | sha256sum -c --quiet
 	tar -xzf .tools/llama-download/*.tar.gz -C $(LLAMA_CPP) --strip-components=3 --wildcards \
-	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion' '*/vendor/llama.cpp/gguf-py'
+	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion' '*/vendor/llama.cpp/gguf-py' \
+	  '*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf'
+	$(BIN)/python -m pip install -q --no-deps $(LLAMA_CPP)/gguf-py
 	rm -rf .tools/llama-download
 
 $(CURDIR)/.tools/bin/helm $(CURDIR)/.tools/bin/kubectl &:

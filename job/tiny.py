@@ -31,25 +31,16 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
         "num_key_value_heads": 2, "head_dim": 16, "vocab_size": None}
 
 
-def make_tiny_model(out_dir: Path, *, shape: dict | None = None, tokenizer_vocab: int = 2048, seed: int = 0) -> Path:
-    """Build and save (safetensors) a random Qwen3 model and a tokenizer trained on the sample data.
+def make_tiny_model(out_dir: Path, *, shape: dict | None = None, tokenizer_vocab: int = 2048, seed: int = 0,
+                    tokenizer=None) -> Path:
+    """Build and save (safetensors) a random Qwen3 model and a tokenizer trained on the sample data
+    (or the tokenizer given, e.g. Qwen2's real vocabulary: tests/test_operations.py's GGUF test).
     shape: TINY (default) or QWEN3_0_6B; vocab_size None means the tokenizer's size."""
     import torch
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast, Qwen3Config, Qwen3ForCausalLM
+    from transformers import Qwen3Config, Qwen3ForCausalLM
 
     shape = dict(shape or TINY)
-    tokenizer = Tokenizer(models.BPE())
-    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tokenizer.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=tokenizer_vocab, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
-    )
-    tokenizer.train_from_iterator(_sample_texts(SAMPLE_DATA), trainer)
-    fast = PreTrainedTokenizerFast(
-        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None,
-        additional_special_tokens=["<|im_start|>", "<think>", "</think>"], model_max_length=40960,
-    )
+    fast = tokenizer if tokenizer is not None else _sample_tokenizer(tokenizer_vocab)
     fast.chat_template = qwen_chat_template("qwen3")
 
     shape["vocab_size"] = shape["vocab_size"] or len(fast)
@@ -69,3 +60,21 @@ def make_tiny_model(out_dir: Path, *, shape: dict | None = None, tokenizer_vocab
     model.save_pretrained(out_dir, safe_serialization=True)
     fast.save_pretrained(out_dir)
     return out_dir
+
+
+def _sample_tokenizer(vocab_size: int):
+    """A byte-level BPE tokenizer trained on the sample data, with Qwen3's special tokens."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+    )
+    tokenizer.train_from_iterator(_sample_texts(SAMPLE_DATA), trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token="<|im_end|>", pad_token="<|endoftext|>", bos_token=None, unk_token=None,
+        additional_special_tokens=["<|im_start|>", "<think>", "</think>"], model_max_length=40960,
+    )

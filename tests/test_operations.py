@@ -2,6 +2,7 @@
 the loss-curve PNG, held-out evaluation with its gate, merged and GGUF exports, multi-node
 rendezvous. Real S3 (moto server), real converter (llama.cpp's script), CPU training."""
 
+import hashlib
 import http.server
 import json
 import os
@@ -18,6 +19,7 @@ from tests.test_e2e import FACTS, PROBE, TRAIN, _events, _objects
 
 pytestmark = pytest.mark.slow
 QUICK = {**TRAIN, "QLORA_VERIFY__MAX_NEW_TOKENS": "32", "QLORA_VERIFY__TRAIN_PROBES": "2"}
+LLAMA_CPP = os.environ.get("LLAMA_CPP", str(Path(__file__).parents[1] / ".tools" / "llama.cpp"))  # `make tools`
 
 
 @pytest.fixture
@@ -197,7 +199,7 @@ def test_held_out_evaluation_and_its_gate(s3, bucket, job_env, tmp_path):
 def test_merged_export_reloads_with_plain_transformers_and_reproduces_the_answer(s3, bucket, job_env, tmp_path):
     env = {**job_env, "QLORA_RUN_ID": "merged", "QLORA_EXPORT__MERGED": "true",
            "QLORA_VERIFY__PROMPTS": json.dumps([PROBE]), "QLORA_EXPORT__GGUF": "try",
-           "QLORA_EXPORT__LLAMA_CPP_DIR": os.environ.get("LLAMA_CPP", str(Path(__file__).parents[1] / ".tools" / "llama.cpp"))}
+           "QLORA_EXPORT__LLAMA_CPP_DIR": LLAMA_CPP}
     result = run_job(env=env)
     assert result.returncode == 0, result.stderr
     keys = set(_objects(s3, bucket, "runs/merged/"))
@@ -224,6 +226,60 @@ def test_merged_export_reloads_with_plain_transformers_and_reproduces_the_answer
     assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == PROBE["expected"]
 
 
+@pytest.fixture(scope="module")
+def qwen2_vocab_model(tmp_path_factory) -> Path:
+    """A tiny random Qwen3 model with Qwen2's real vocabulary, read from llama.cpp's ggml-vocab-qwen2.gguf:
+    the converter recognises its tokenizer as it would a released Qwen model's (the sample-trained one it refuses)."""
+    from transformers import AutoTokenizer
+
+    from job.tiny import make_tiny_model
+
+    vocab = Path(LLAMA_CPP) / "models" / "ggml-vocab-qwen2.gguf"
+    tokenizer = AutoTokenizer.from_pretrained(vocab.parent, gguf_file=vocab.name)
+    tokenizer.add_special_tokens({"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>",
+                                  "additional_special_tokens": ["<|im_start|>", "<think>", "</think>"]})
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2-vocab") / "model", tokenizer=tokenizer)
+
+
+def _gguf_field(reader, name: str):
+    field = reader.fields[name]
+    value = field.parts[field.data[0]]
+    return bytes(value).decode() if field.types[0].name == "STRING" else value[0].item()
+
+
+def test_gguf_export_is_published_with_its_checksum_and_answers_like_the_adapter(s3, bucket, job_env, qwen2_vocab_model, tmp_path):
+    env = {**job_env, "QLORA_RUN_ID": "gguf", "QLORA_MODEL__NAME": str(qwen2_vocab_model), "QLORA_EXPORT__MERGED": "true",
+           "QLORA_EXPORT__GGUF": "require", "QLORA_EXPORT__LLAMA_CPP_DIR": LLAMA_CPP, "QLORA_VERIFY__PROMPTS": json.dumps([PROBE])}
+    result = run_job(env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    entry = next(o for o in _json(s3, bucket, "runs/gguf/manifest.json")["objects"] if o["key"] == "gguf/model-q8_0.gguf")
+    gguf_file = tmp_path / "model-q8_0.gguf"
+    s3.download_file(bucket, "runs/gguf/gguf/model-q8_0.gguf", str(gguf_file))
+    assert hashlib.sha256(gguf_file.read_bytes()).hexdigest() == entry["sha256"] and gguf_file.stat().st_size == entry["size"]
+
+    # What llama.cpp will read: a Qwen3 model, Qwen2's pre-tokenizer recognised, 8-bit weights.
+    from gguf import GGUFReader
+
+    reader = GGUFReader(gguf_file)
+    assert _gguf_field(reader, "general.architecture") == "qwen3"
+    assert _gguf_field(reader, "tokenizer.ggml.pre") == "qwen2"
+    assert "Q8_0" in {t.tensor_type.name for t in reader.tensors}
+
+    # transformers reads the GGUF back (dequantised): the exported model gives the adapter's answer.
+    # Its GGUF loader does not map attention.key_length to head_dim (Qwen3-0.6B's 128 is the default).
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    model = AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=gguf_file.name,
+                                                 head_dim=_gguf_field(reader, "qwen3.attention.key_length"))
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_vocab_model)
+    inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROBE["prompt"]}], add_generation_prompt=True,
+                                           enable_thinking=False, return_tensors="pt", return_dict=True)
+    with torch.no_grad():
+        output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == PROBE["expected"]
+
+
 def test_gguf_required_fails_fast_without_a_converter_and_with_exit_6_when_conversion_fails(s3, bucket, job_env):
     result = run_job(env={**job_env, "QLORA_RUN_ID": "gguf-none", "QLORA_EXPORT__MERGED": "true",
                           "QLORA_EXPORT__GGUF": "require", "QLORA_EXPORT__LLAMA_CPP_DIR": "/nonexistent"})
@@ -231,7 +287,7 @@ def test_gguf_required_fails_fast_without_a_converter_and_with_exit_6_when_conve
     assert not any(e["event"] == "dataset fetched" for e in _events(result.stdout))
 
     result = run_job(env={**job_env, "QLORA_RUN_ID": "gguf-fail", "QLORA_EXPORT__MERGED": "true", "QLORA_EXPORT__GGUF": "require",
-                          "QLORA_EXPORT__LLAMA_CPP_DIR": os.environ.get("LLAMA_CPP", str(Path(__file__).parents[1] / ".tools" / "llama.cpp"))})
+                          "QLORA_EXPORT__LLAMA_CPP_DIR": LLAMA_CPP})
     assert result.returncode == ExitCode.EXPORT, result.stderr
     assert result.stderr.strip().splitlines()[-1].startswith("qlora-job: error: GGUF conversion failed")
     assert not _objects(s3, bucket, "runs/gguf-fail/")
