@@ -5,6 +5,8 @@ Writes `DIAG <unix time> pid=<pid> <event>` lines to stderr:
 - triton: each Triton JIT compile (Unsloth's and bitsandbytes' kernels) with its duration;
 - batch: each batch the training data loader hands out, with its shape;
 - step: each optimizer step's end, with dynamo's graph count and the CUDA allocator's counters.
+With BENCH_DDP_BUCKET_VIEW=1 or BENCH_NO_OPTIMIZE_DDP=1 (without DIAG) it only runs that DDP
+experiment (gpu_bench.py's job_ddp2_bucket_view, job_ddp2_no_optimize_ddp variants).
 Not part of the job: it only explains the bench's step times."""
 
 import importlib.abc
@@ -74,11 +76,29 @@ def _data_loader(module) -> None:
     module.DataLoaderShard.__iter__ = __iter__
 
 
+def _bucket_view(module) -> None:
+    """DDP with gradient_as_bucket_view: gradients live in the all-reduce buckets, so the reducer skips
+    a copy kernel per LoRA weight into its bucket and back (~800 launches a step, on a CPU-bound step)."""
+    original = module.DistributedDataParallel.__init__
+
+    def __init__(self, *args, **kwargs):
+        kwargs["gradient_as_bucket_view"] = True
+        note("ddp gradient_as_bucket_view=True")
+        original(self, *args, **kwargs)
+
+    module.DistributedDataParallel.__init__ = __init__
+
+
+def _no_optimize_ddp(module) -> None:
+    """Dynamo's DDPOptimizer splits graphs compiled inside DDP's forward at bucket boundaries; off."""
+    module.optimize_ddp = False
+    note("dynamo optimize_ddp=False")
+
+
 class _After(importlib.abc.MetaPathFinder):
     """Runs a patch right after a module's own code, whoever imports it first."""
 
-    patches = {"torch._logging": _torch_logging, "triton.knobs": _triton_knobs,
-               "transformers.trainer_callback": _callbacks, "accelerate.data_loader": _data_loader}
+    patches: dict = {}
 
     def find_spec(self, name, path, target=None):
         if name not in self.patches:
@@ -103,5 +123,12 @@ class _After(importlib.abc.MetaPathFinder):
         return spec
 
 
-os.environ.setdefault("TORCH_LOGS", "recompiles,graph_breaks")
+if os.environ.get("DIAG"):
+    os.environ.setdefault("TORCH_LOGS", "recompiles,graph_breaks")
+    _After.patches.update({"torch._logging": _torch_logging, "triton.knobs": _triton_knobs,
+                           "transformers.trainer_callback": _callbacks, "accelerate.data_loader": _data_loader})
+if os.environ.get("BENCH_DDP_BUCKET_VIEW"):
+    _After.patches["torch.nn.parallel.distributed"] = _bucket_view
+if os.environ.get("BENCH_NO_OPTIMIZE_DDP"):
+    _After.patches["torch._dynamo.config"] = _no_optimize_ddp
 sys.meta_path.insert(0, _After())

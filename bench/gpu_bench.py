@@ -105,14 +105,17 @@ def main(out: Path) -> None:
         "job_fast_half_threads_after": half_threads,
         # Two workers with torch's default of one thread a core each, as before the job set OMP_NUM_THREADS.
         "job_ddp2_all_threads": {**ddp2, "OMP_NUM_THREADS": str(len(os.sched_getaffinity(0)))},
+        # Where else the DDP step's extra ~50 ms of host time may go (bench/diag_sitecustomize.py):
+        # the reducer's per-weight gradient copies, Dynamo's graph splits at DDP bucket boundaries.
+        "job_ddp2_bucket_view": {**ddp2, "BENCH_DDP_BUCKET_VIEW": "1"},
+        "job_ddp2_no_optimize_ddp": {**ddp2, "BENCH_NO_OPTIMIZE_DDP": "1"},
     }
     job_pythonpath = os.environ.get("PYTHONPATH", "")
-    hook_code = []
-    if os.environ.get("DIAG"):
-        # Diagnostics: recompiles, Triton compiles, batch shapes and per-step counters in each job log
-        # (first: its import hook must be in place before anything imports torch).
-        hook_code.append((HERE / "diag_sitecustomize.py").read_text())
-        results["diag"] = True
+    # First in every job process, before anything imports torch; it acts only on the variables set:
+    # DIAG=1 for diagnostics (recompiles, Triton compiles, batch shapes, per-step counters in each
+    # job log), BENCH_* for the DDP experiments of the variants above.
+    hook_code = [(HERE / "diag_sitecustomize.py").read_text()]
+    results["diag"] = bool(os.environ.get("DIAG"))
     if os.environ.get("SDPA_NO_CUDNN"):
         # Experiment: the job's processes (workers too) start with cuDNN attention off, so SDPA uses
         # its flash / memory-efficient kernels; each process notes at exit whether it stayed off.
@@ -206,7 +209,9 @@ def _report(results: dict, out: Path) -> None:
     pairs = (("ddp_scaling", "job_ddp2", ("job_fast", "job_fast_after")),
              ("ddp_scaling_second_run", "job_ddp2_after", ("job_fast", "job_fast_after")),
              ("ddp_scaling_log10", "job_ddp2_log10", ("job_fast_log10",)),
-             ("ddp_scaling_all_threads", "job_ddp2_all_threads", ("job_fast", "job_fast_after")))
+             ("ddp_scaling_all_threads", "job_ddp2_all_threads", ("job_fast", "job_fast_after")),
+             ("ddp_scaling_bucket_view", "job_ddp2_bucket_view", ("job_fast", "job_fast_after")),
+             ("ddp_scaling_no_optimize_ddp", "job_ddp2_no_optimize_ddp", ("job_fast", "job_fast_after")))
     for key, name, singles in pairs:
         two_run, one_runs = results.get(name, {}), [results[n] for n in singles if n in results]
         ones = [v for r in one_runs if (v := r.get("steady_tokens_per_second"))]
