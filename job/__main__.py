@@ -67,7 +67,10 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
         data.check_report(eval_report, settings.data.max_reject_ratio)
 
     # Periodic retraining: nothing to do when data, settings and base model are those of the latest run.
+    started = time.perf_counter()
     identity = retrain.identity(report.sha256, settings, engine.base_model_fingerprint(settings))
+    log.info("base model fingerprinted", fingerprint=identity["base_model"]["fingerprint"],
+             seconds=round(time.perf_counter() - started, 2))
     latest = retrain.read_latest(settings.output_uri)
     if settings.retrain.skip_unchanged and retrain.unchanged_since(latest, identity):
         log.info("unchanged since the latest published run; skipping", latest_run=latest["run_id"],
