@@ -80,7 +80,7 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
     bind(stage="load")
     started = time.perf_counter()
     chosen = engine.resolve_engine(settings.engine)
-    base_source = engine.fetch_base_model(settings)
+    base_source = engine.fetch_base_model(settings, identity["base_model"]["fingerprint"])
     nproc = distributed.processes_per_node(settings)
     nodes, node_rank, *_ = distributed.node_layout()
     in_process = nproc * nodes == 1

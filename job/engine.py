@@ -44,11 +44,12 @@ def resolve_engine(requested: str) -> str:
     return requested
 
 
-def fetch_base_model(settings: Settings) -> str:
-    """A local folder or hub id for the base model; s3:// prefixes are downloaded once into the cache."""
+def fetch_base_model(settings: Settings, fingerprint: str | None = None) -> str:
+    """A local folder or hub id for the base model; s3:// prefixes are downloaded once into the cache,
+    in a folder named by prefix and content fingerprint, so weights replaced in place are fetched anew."""
     name = settings.model.name
     if storage.is_s3(name):
-        target = settings.model.cache_dir / hashlib.sha256(name.encode()).hexdigest()[:16]
+        target = settings.model.cache_dir / hashlib.sha256(f"{name}\n{fingerprint}".encode()).hexdigest()[:16]
         done = target / ".complete"
         if not done.exists():
             log.info("downloading base model", source=name, cache=str(target))

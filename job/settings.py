@@ -34,7 +34,7 @@ class ModelSettings(Section):
         description="Chat template: qwen3/qwen2_5 take TRL's copy of the original; tokenizer keeps the tokenizer's own; "
         "auto keeps the tokenizer's own and falls back to qwen3 when it has none.",
     )
-    cache_dir: Path = Field(Path("/tmp/qlora-job/models"), description="Where s3:// models are downloaded to (once).")
+    cache_dir: Path = Field(Path("/tmp/qlora-job/models"), description="Where s3:// models are downloaded to (once per content: a prefix whose objects change is fetched again).")
 
 
 class LoraSettings(Section):

@@ -2,6 +2,7 @@ import hashlib
 import os
 import socket
 import time
+from pathlib import Path
 
 import pytest
 
@@ -59,6 +60,21 @@ def test_content_fingerprint_changes_with_any_object_of_a_prefix_or_folder(s3, b
         rewrite(weights)
         assert storage.content_fingerprint(uri) == first
     assert storage.content_fingerprint(f"file://{folder}") == storage.content_fingerprint(str(folder))
+
+
+def test_a_base_model_replaced_in_s3_is_fetched_again_not_read_from_the_cache(s3, bucket, tmp_path):
+    from job import engine
+    from job.settings import Settings
+
+    settings = Settings(dataset_uri="data.jsonl", output_uri=str(tmp_path / "out"),
+                        model={"name": f"s3://{bucket}/base", "cache_dir": tmp_path / "cache"})
+    sources = []
+    for weights in (b"old weights", b"new weights"):  # same key, same size
+        s3.put_object(Bucket=bucket, Key="base/model.safetensors", Body=weights)
+        for _ in range(2):
+            sources.append(engine.fetch_base_model(settings, engine.base_model_fingerprint(settings)))
+        assert (Path(sources[-1]) / "model.safetensors").read_bytes() == weights
+    assert sources[0] == sources[1] != sources[2] == sources[3]
 
 
 def test_empty_prefix_is_a_permanent_error(bucket, tmp_path):
