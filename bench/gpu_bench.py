@@ -124,11 +124,10 @@ def main(out: Path) -> None:
             f"atexit.register(lambda: open('{out}/sdpa-' + str(os.getpid()) + '.txt', 'w')"
             ".write(str(torch.backends.cuda.cudnn_sdp_enabled())))\n")
         results["sdpa"] = "cudnn off (SDPA_NO_CUDNN)"
-    if hook_code:
-        hook = out / "job-hook"
-        hook.mkdir(exist_ok=True)
-        (hook / "sitecustomize.py").write_text("\n".join(hook_code))
-        job_pythonpath = f"{hook}:{job_pythonpath}"
+    hook = out / "job-hook"
+    hook.mkdir(exist_ok=True)
+    (hook / "sitecustomize.py").write_text("\n".join(hook_code))
+    job_pythonpath = f"{hook}:{job_pythonpath}"
     gpu0 = {**env, "CUDA_VISIBLE_DEVICES": os.environ.get("BENCH_GPU", "0")}
 
     def job_env(name: str, extra: dict) -> dict:

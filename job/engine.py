@@ -44,7 +44,7 @@ def resolve_engine(requested: str) -> str:
     return requested
 
 
-def fetch_base_model(settings: Settings, fingerprint: str | None = None) -> str:
+def fetch_base_model(settings: Settings, fingerprint: str | None) -> str:
     """A local folder or hub id for the base model; s3:// prefixes are downloaded once into the cache,
     in a folder named by prefix and content fingerprint, so weights replaced in place are fetched anew."""
     name = settings.model.name
