@@ -7,6 +7,7 @@ Prints a table and writes OUTDIR/bench.json. Every job run is the real `python -
 against a local S3 server (moto), with the anchor's Qwen3-0.6B-shaped random model."""
 
 import json
+import lzma
 import os
 import subprocess
 import sys
@@ -187,7 +188,7 @@ def _report(results: dict, out: Path) -> None:
             gap = (mine - ref) / ref if mine is not None and ref else None
             r["loss_vs_seed_at_equal_tokens"] = gap
         rows.append((f"{name} (exit {r['exit']})", r.get("steady_tokens_per_second"), r.get("tokens_per_step"),
-                     r.get("peak_gpu_memory_gib"), (r.get("timings") or {}).get("load_s"), r["wall_s"], gap, r.get("batch_plan")))
+                     r.get("peak_gpu_memory_gib"), r.get("model_load_s"), r["wall_s"], gap, r.get("batch_plan")))
     lines = [f"card: {results['card']}", f"versions: {json.dumps(results['versions'])}", "",
              "| run | steady tok/s | x seed | tok/step | peak GiB | load s | wall s | util % | loss vs seed @ equal tokens |",
              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
@@ -233,6 +234,8 @@ def _report(results: dict, out: Path) -> None:
     print(table)
     (out / "bench.md").write_text(table + "\n")
     (out / "bench.json").write_text(json.dumps(results, indent=1))
+    # What gets committed: bench/raw/results-DATE-CARD-runN.json.xz (a few KB; the plain JSON is ~25 KB a run).
+    (out / "results.json.xz").write_bytes(lzma.compress(json.dumps(results, separators=(",", ":")).encode(), preset=9))
 
 
 def window_tokens_per_second(run: dict, skip: float = 0.2) -> float | None:
