@@ -4,7 +4,7 @@ equal tokens against the seed recipe) for learning-rate choices.
 
     python bench/gpu_sweep.py OUTDIR        (after `gpu_anchor.py prepare`; SWEEP=profile,budgets,guard)
 
-Every variant is the job's own code path (job.engine.load_for_training, job.train.train_adapter)
+Every variant is the job's own code path (job.train.prepare and job.train.train, one TrainSpec each)
 on the anchor's Qwen3-0.6B-shaped random model and 3,000 synthetic rows. Writes OUTDIR/sweep.json
 and OUTDIR/profile.txt."""
 
@@ -87,22 +87,18 @@ def summarise(prof, wall: float, steps: int, out: Path) -> dict:
     }
 
 
-def run_variant(name: str, work: Path, train_path: Path, rejects: Path, train_kw: dict, lora_kw: dict | None = None,
+def run_variant(name: str, work: Path, train_kw: dict, lora_kw: dict | None = None,
                 profile: tuple[int, int] | None = None, profile_dir: Path | None = None) -> dict:
     settings = Settings(dataset_uri=str(DATA), output_uri=str(work / "out"), work_dir=work, engine="unsloth",
                         train=train_kw, lora=lora_kw or {})
-    started = time.perf_counter()
-    model, tokenizer = engine.load_for_training(settings, "unsloth", MODEL_DIR)
-    load_s = time.perf_counter() - started
-    dataset, stats = train.load_train_dataset(train_path, rejects, tokenizer, settings)
+    report = data.validate_dataset(DATA, work / name)
+    spec = train.prepare(settings, "unsloth", MODEL_DIR, report, None, work / name, str(work / "out" / name), name)
     callbacks = (StepProfiler(*profile, profile_dir or work),) if profile else ()
-    metrics = train.train_adapter(model, tokenizer, dataset, work / name / "adapter", settings, "unsloth",
-                                  stats["mean_row_tokens"], extra_callbacks=callbacks)
-    del model, tokenizer, dataset
+    metrics = train.train(spec, extra_callbacks=callbacks).as_dict()
     engine.free_memory()
     curve = metrics["loss_curve"]
     steps = metrics["steps"]
-    result = {"name": name, "train": train_kw, "lora": lora_kw, "load_s": round(load_s, 1),
+    result = {"name": name, "train": train_kw, "lora": lora_kw, "load_s": round(metrics["model_load_s"], 1),
               "s_per_step": round(metrics["train_seconds"] / steps, 3), **{k: metrics[k] for k in (
                   "steps", "train_tokens", "tokens_per_step", "steady_tokens_per_second", "peak_gpu_memory_gib", "batch_plan")},
               "curve": [(p["tokens"], round(p["loss"], 4)) for p in curve]}
@@ -130,11 +126,11 @@ def main(out: Path) -> None:
         (out / "sweep.json").write_text(json.dumps(results, indent=1))
 
     if "profile" in only:  # the default fast path; profile steps 6-8 after warm-up
-        record(run_variant("fast-16k-profile", work, report.train_path, report.rejects_path, {"max_steps": 9}, profile=(6, 3),
+        record(run_variant("fast-16k-profile", work, {"max_steps": 9}, profile=(6, 3),
                            profile_dir=out))
     if "guard" in only:
         # Equal tokens: the seed recipe's first seed_steps x 8 rows against fast runs that see the same rows.
-        seed = run_variant("guard-seed", work, report.train_path, report.rejects_path, {"recipe": "seed", "max_steps": seed_steps})
+        seed = run_variant("guard-seed", work, {"recipe": "seed", "max_steps": seed_steps})
         record(seed)
         seed_tokens = seed["train_tokens"]
         guards = [(label, budget, lr) for label, budget, lr in (("16k-lr-auto", 16384, None), ("32k-lr-auto", 32768, None),
@@ -143,16 +139,16 @@ def main(out: Path) -> None:
             rows_per_step = 29 * budget // 16384  # ~558 tokens a row
             steps = max(2, round(seed_steps * 8 / rows_per_step))
             kw = {"max_steps": steps, "micro_batch_tokens": budget, **({"learning_rate": lr} if lr else {})}
-            result = run_variant(f"guard-fast-{label}", work, report.train_path, report.rejects_path, kw)
+            result = run_variant(f"guard-fast-{label}", work, kw)
             lo, hi = 0.75 * seed_tokens, seed_tokens * 1.05
             mine, ref = loss_window(result["curve"], lo, hi), loss_window(seed["curve"], lo, seed_tokens)
             result["loss_vs_seed_at_equal_tokens"] = (mine - ref) / ref if mine is not None and ref else None
             record(result)
     if "budgets" in only:  # step time against the token budget: fixed cost + cost per token
         for budget in (32768, 65536):  # checkpointing as `auto` decides (on for 64k)
-            record(run_variant(f"fast-{budget // 1024}k", work, report.train_path, report.rejects_path,
+            record(run_variant(f"fast-{budget // 1024}k", work,
                                {"max_steps": 12, "micro_batch_tokens": budget}))
-        record(run_variant("fast-16k-gc-on", work, report.train_path, report.rejects_path, {"max_steps": 12},
+        record(run_variant("fast-16k-gc-on", work, {"max_steps": 12},
                            {"gradient_checkpointing": "unsloth"}))
     print("SWEEP " + json.dumps([{k: v for k, v in r.items() if k != "curve"} for r in results["variants"]]), flush=True)
     print(f"rows {rows}", flush=True)

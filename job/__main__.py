@@ -15,8 +15,8 @@ import time
 from pathlib import Path
 
 from job import storage
-from job.errors import EXIT_CODES, ExitCode, JobError
-from job.logs import bind, configure_logging, get_logger
+from job.errors import EXIT_CODES, ExitCode, JobError, one_line
+from job.logs import Stages, bind, configure_logging, get_logger
 from job.settings import Settings, env_docs, load_settings, redacted
 
 log = get_logger("job")
@@ -27,193 +27,76 @@ def new_run_id() -> str:
 
 
 def run(settings: Settings, run_id: str, push) -> ExitCode:
-    """One fine-tuning run; each stage is one call."""
-    from job import checkpoint, data, distributed, engine, export, observe, publish, retrain, train, verify
+    """One fine-tuning run, a stage a line (docs/design.md, "How one run flows")."""
+    from job import data, engine, export, observe, retrain, train, verify
 
-    run_uri = storage.join(settings.output_uri, run_id)
+    run_uri, work = storage.join(settings.output_uri, run_id), settings.work_dir / run_id
+    out = work / "publish"  # exactly what gets uploaded
     bind(run_id=run_id, stage="start")
     log.info("run starting", output=run_uri, dataset=settings.dataset_uri, model=settings.model.name)
-    if (existing := publish.find_manifest(run_uri)) is not None:
-        log.info("run already published; nothing to do", published_at=existing.get("published_at"))
-        retrain.move_latest(settings.output_uri, existing)  # a pod that published but failed to move it
+    if retrain.already_published(settings.output_uri, run_uri):
         return ExitCode.OK
     gguf_converter = export.check_settings(settings)
     observe.check_report_to(settings.metrics.report_to)
-
-    work = settings.work_dir / run_id
-    out = work / "publish"  # exactly what gets uploaded
-    out.mkdir(parents=True, exist_ok=True)
-    timings = {}
-
-    bind(stage="fetch")
-    started = time.perf_counter()
-    dataset_path = storage.fetch_file(settings.dataset_uri, work / "input" / "dataset.jsonl")
-    eval_path = storage.fetch_file(settings.eval.dataset_uri, work / "input" / "eval.jsonl") if settings.eval.dataset_uri else None
-    timings["fetch_s"] = time.perf_counter() - started
-    log.info("dataset fetched", bytes=dataset_path.stat().st_size, seconds=round(timings["fetch_s"], 2))
-
-    bind(stage="validate")
-    report = data.validate_dataset(
-        dataset_path, work, max_line_bytes=settings.data.max_line_bytes, system_prompt=settings.data.system_prompt
-    )
-    log.info("dataset validated", **{k: v for k, v in report.summary().items() if k != "first_rejects"})
-    for reject in report.first_rejects[:5]:
-        log.warning("rejected row", **reject)
-    data.check_report(report, settings.data.max_reject_ratio)
-    eval_report = None
-    if eval_path is not None:
-        eval_report = data.validate_dataset(eval_path, work / "eval", max_line_bytes=settings.data.max_line_bytes,
-                                            system_prompt=settings.data.system_prompt)
-        data.check_report(eval_report, settings.data.max_reject_ratio)
-
-    # Periodic retraining: nothing to do when data, settings and base model are those of the latest run.
-    started = time.perf_counter()
-    identity = retrain.identity(report.sha256, settings, engine.base_model_fingerprint(settings))
-    log.info("base model fingerprinted", fingerprint=identity["base_model"]["fingerprint"],
-             seconds=round(time.perf_counter() - started, 2))
-    latest = retrain.read_latest(settings.output_uri)
-    if settings.retrain.skip_unchanged and retrain.unchanged_since(latest, identity):
-        log.info("unchanged since the latest published run; skipping", latest_run=latest["run_id"],
-                 dataset_sha256=report.sha256, settings_sha256=identity["settings_sha256"])
-        return ExitCode.OK
-
-    bind(stage="load")
-    started = time.perf_counter()
-    chosen = engine.resolve_engine(settings.engine)
-    base_source = engine.fetch_base_model(settings, identity["base_model"]["fingerprint"])
-    nproc = distributed.processes_per_node(settings)
-    nodes, node_rank, *_ = distributed.node_layout()
-    in_process = nproc * nodes == 1
-    if in_process:
-        model, tokenizer = engine.load_for_training(settings, chosen, base_source)
-    else:  # the workers load the model; this process only needs the tokenizer to prepare the data
-        tokenizer = engine.load_tokenizer(settings, base_source)
-    timings["load_s"] = time.perf_counter() - started
-    log.info("model loaded" if in_process else "tokenizer loaded", engine=chosen, source=base_source,
-             seconds=round(timings["load_s"], 2))
-
-    bind(stage="train")
-    dataset, stats = train.load_train_dataset(report.train_path, report.rejects_path, tokenizer, settings)
-    report.accepted -= stats["rejected"]
-    report.rejected += stats["rejected"]
-    report.first_rejects.extend(stats["first_rejects"])
-    data.check_report(report, settings.data.max_reject_ratio)
-    if eval_report is not None:
-        eval_dataset, _ = train.load_train_dataset(eval_report.train_path, eval_report.rejects_path, tokenizer, settings)
-    else:
-        dataset, eval_dataset = train.split_eval(dataset, settings.eval.fraction, settings.train.seed)
-    resume = checkpoint.fetch_latest_checkpoint(run_uri, work)
-    if "tensorboard" in settings.metrics.report_to:  # event files go up with the run unless the user points them elsewhere
-        os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
-    if in_process:
-        metrics = train.train_adapter(model, tokenizer, dataset, out / "adapter", settings, chosen, stats["mean_row_tokens"],
-                                      run_uri=run_uri, resume_from=resume, eval_dataset=eval_dataset,
-                                      on_progress=push.update)
-        del model
-    else:
-        dataset.save_to_disk(str(work / "train-dataset"))
-        if eval_dataset is not None:
-            eval_dataset.save_to_disk(str(work / "eval-dataset"))
-        spec = {"engine": chosen, "source": base_source, "dataset": str(work / "train-dataset"), "adapter": str(out / "adapter"),
-                "eval_dataset": str(work / "eval-dataset") if eval_dataset is not None else None, "run_id": run_id,
-                "metrics": str(work / "worker-metrics.json"), "mean_row_tokens": stats["mean_row_tokens"], "run_uri": run_uri,
-                "resume_from": str(resume) if resume else None}
-        distributed.launch_workers(spec, work, nproc, run_id)
-        if node_rank != 0:
-            log.info("training finished on this node; node 0 verifies and publishes", node_rank=node_rank)
+    with observe.metrics_file(out / "metrics.json", run_id) as metrics:
+        stage = Stages(metrics.timings)
+        with stage("fetch"):
+            inputs = data.fetch_inputs(settings, work / "input")
+        with stage("validate"):
+            metrics.data, eval_report = data.validate_inputs(settings, inputs, work)
+        with stage("fingerprint"):
+            identity = retrain.identity(metrics.data.sha256, settings, engine.base_model_fingerprint(settings))
+        if retrain.skip_unchanged(settings, identity):
             return ExitCode.OK
-        metrics = json.loads((work / "worker-metrics.json").read_text(encoding="utf-8"))
-    metrics.update(run_id=run_id, engine=chosen, overlength_truncated=stats["truncated"], mean_row_tokens=stats["mean_row_tokens"],
-                   timings={k: round(v, 3) for k, v in timings.items()})
-    # Written now as well as at publish, so a run that fails a gate still leaves its numbers in the work dir.
-    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
-    log.info("training finished", steps=metrics["steps"], loss_first=metrics["loss_first"], loss_last=metrics["loss_last"],
-             eval_loss_before=metrics["eval_loss_before"], eval_loss_after=metrics["eval_loss_after"],
-             steady_tokens_per_s=metrics["steady_tokens_per_second"], peak_gpu_memory_gib=metrics["peak_gpu_memory_gib"])
-    push.update(force=True, eval_loss_before=metrics["eval_loss_before"], eval_loss_after=metrics["eval_loss_after"])
-    del tokenizer, dataset, eval_dataset
-    engine.free_memory()
-    train.check_eval(metrics, settings.eval.require_improvement)
+        with stage("load"):
+            source = engine.fetch_base_model(settings, identity["base_model"]["fingerprint"])
+            spec = train.prepare(settings, engine.resolve_engine(settings.engine), source, metrics.data, eval_report, work, run_uri, run_id)
+        with stage("train"):
+            metrics.train = train.run_training(spec, push)
+        if metrics.train is None:
+            return ExitCode.OK  # not node 0, which verifies and publishes
+        train.check_eval(metrics.train, settings.eval.require_improvement)
+        with stage("verify"):
+            probes, adapter_report = verify.verify_run(settings, spec.engine, source, spec.adapter_dir, metrics.data.train_path, out)
+        if settings.export.merged:
+            with stage("export"):
+                export.export_run(settings, spec.engine, source, out, probes, adapter_report, gguf_converter)
+    with stage("publish"):
+        publish_outputs(settings, run_id, run_uri, out, metrics, identity)
+    return ExitCode.OK
 
-    bind(stage="verify")
-    started = time.perf_counter()
-    model, tokenizer = engine.load_for_inference(settings, chosen, base_source, out / "adapter")
-    probes = verify.build_probes(settings, report.train_path)
-    try:
-        adapter_report = verify.verify_adapter(model, tokenizer, probes, work / "verify.json", settings)
-    finally:
-        timings["verify_s"] = time.perf_counter() - started
-    (work / "verify.json").replace(out / "verify.json")
-    del model, tokenizer
-    engine.free_memory()
 
-    if settings.export.merged:
-        bind(stage="export")
-        started = time.perf_counter()
-        merged = export.merge_adapter(settings, chosen, base_source, out / "adapter", out / "merged")
-        engine.free_memory()
-        model, tokenizer = export.load_merged(merged)
-        verify.verify_merged(model, tokenizer, probes, adapter_report, work / "verify-merged.json", settings)
-        (work / "verify-merged.json").replace(out / "verify-merged.json")
-        del model, tokenizer
-        engine.free_memory()
-        if gguf_converter is not None:
-            export.convert_gguf(gguf_converter, merged, out / "gguf", settings.export.gguf_type, settings.export.gguf == "require")
-        timings["export_s"] = time.perf_counter() - started
+def publish_outputs(settings: Settings, run_id: str, run_uri: str, out: Path, metrics, identity: dict) -> None:
+    """Upload the run's folder with its manifest last, then move latest.json and apply the retention."""
+    from job import checkpoint, observe, publish, retrain
 
-    bind(stage="publish")
-    report.rejects_path.replace(out / "rejects.jsonl")
-    metrics.update(data=report.summary(), timings={k: round(v, 3) for k, v in timings.items()})
-    (out / "metrics.json").write_text(json.dumps(metrics, ensure_ascii=False, indent=2), encoding="utf-8")
+    metrics.data.rejects_path.replace(out / "rejects.jsonl")
     if settings.metrics.loss_curve_png:
-        observe.write_loss_curve(metrics, out / "loss_curve.png")
-    manifest = {
-        "run_id": run_id,
-        "dataset": {"uri": settings.dataset_uri, "sha256": report.sha256, "rows_accepted": report.accepted,
-                    "rows_rejected": report.rejected},
-        "base_model": identity["base_model"],
-        "engine": chosen,
-        "settings": redacted(settings),
-        "settings_sha256": identity["settings_sha256"],
-        "loss": {"first": metrics["loss_first"], "last": metrics["loss_last"],
-                 "eval_before": metrics["eval_loss_before"], "eval_after": metrics["eval_loss_after"]},
-    }
-    published = publish.publish_run(out, run_uri, manifest)
-    if published is None:
+        observe.write_loss_curve(metrics.as_json(), out / "loss_curve.png")
+    manifest = publish.build_manifest(run_id, settings, metrics.data, identity, metrics.as_json())
+    if (published := publish.publish_run(out, run_uri, manifest)) is None:
         log.warning("another pod published this run_id first; its manifest stands and ours was not written")
-        return ExitCode.OK
+        return
     log.info("run published", manifest=storage.join(run_uri, publish.MANIFEST))
     retrain.move_latest(settings.output_uri, published)
     retrain.apply_retention(settings.output_uri, settings.retrain.keep_runs, protect={run_id})
     checkpoint.delete_checkpoints(run_uri)
-    return ExitCode.OK
 
 
 def train_worker_command(spec_path: Path) -> ExitCode:
-    """One DDP training process, started by distributed.launch_workers: load, train, and on global
-    rank 0 save the adapter and the metrics where the launching process reads them."""
-    from datasets import load_from_disk
+    """One DDP training process, started by distributed.launch_workers with the run's TrainSpec: train,
+    and on global rank 0 write the metrics where the launching process reads them."""
+    from job import distributed, observe, train
 
-    from job import distributed, engine, observe, train
-
-    spec = json.loads(spec_path.read_text(encoding="utf-8"))
-    settings = load_settings()
-    configure_logging(settings.log_format, settings.log_level)
-    bind(stage="train", rank=distributed.world_rank())
-    started = time.perf_counter()
-    model, tokenizer = engine.load_for_training(settings, spec["engine"], spec["source"])
-    load_s = time.perf_counter() - started
+    spec = train.TrainSpec.from_json(spec_path.read_text(encoding="utf-8"))
+    configure_logging(spec.settings.log_format, spec.settings.log_level)
+    bind(stage="train", rank=distributed.ranks().rank)
     try:
-        metrics = train.train_adapter(
-            model, tokenizer, load_from_disk(spec["dataset"]), Path(spec["adapter"]), settings, spec["engine"],
-            spec["mean_row_tokens"], run_uri=spec["run_uri"], resume_from=Path(spec["resume_from"]) if spec["resume_from"] else None,
-            eval_dataset=load_from_disk(spec["eval_dataset"]) if spec["eval_dataset"] else None,
-            on_progress=observe.pusher(settings, spec["run_id"]).update,
-        )
+        metrics = train.train(spec, on_progress=observe.pusher(spec.settings, spec.run_id).update)
     finally:
         distributed.leave_process_group()  # exiting with the group alive can abort the process (SIGABRT)
-    if distributed.world_rank() == 0:
-        Path(spec["metrics"]).write_text(json.dumps({**metrics, "worker_load_s": round(load_s, 3)}), encoding="utf-8")
+    if distributed.ranks().rank == 0:
+        spec.metrics_path.write_text(json.dumps(metrics.as_dict()), encoding="utf-8")
     return ExitCode.OK
 
 
@@ -275,7 +158,10 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging(os.environ.get("QLORA_LOG_FORMAT", "auto"), "info")
     termination_log = Path(os.environ.get("QLORA_TERMINATION_LOG", "/dev/termination-log"))
     if args.command == "train-worker":  # the launching process reads each worker's cause from here
-        termination_log = Path(json.loads(args.spec.read_text())["errors"]) / f"rank-{os.environ.get('RANK', '0')}.txt"
+        from job import distributed, train
+
+        errors_dir = train.TrainSpec.from_json(args.spec.read_text(encoding="utf-8")).errors_dir
+        termination_log = errors_dir / f"rank-{distributed.ranks().rank}.txt"
     try:
         if args.command == "config":
             return config_command(args.env_docs, args.markdown)
@@ -313,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as error:  # the one broad catch: anything unexpected is exit 1, with its traceback logged
         log.exception("internal error")
         code, message = ExitCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"
-    message = message.splitlines()[0] if message else code.name.lower()
+    message = one_line(message, 4000) if message else code.name.lower()
     if args.command in (None, "run"):  # tool commands keep stdout for their own output
         log.error("run failed", exit_code=int(code), error=message)
     print(f"qlora-job: error: {message}", file=sys.stderr)

@@ -14,7 +14,12 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from job import storage
 from job.errors import DataError
+from job.logs import get_logger
+from job.settings import Settings
+
+log = get_logger(__name__)
 
 ROLES = ("system", "user", "assistant")
 FORMAT_KEYS = {"instruction": ("instruction", "output"), "messages": ("messages",), "prompt": ("prompt", "completion")}
@@ -37,8 +42,19 @@ class DataReport:
     rejected: int = 0
     formats: Counter = field(default_factory=Counter)
     first_rejects: list[dict] = field(default_factory=list)
+    truncated: int = 0  # rows over max_seq_length kept for truncation (QLORA_DATA__OVERLENGTH=truncate)
     train_path: Path | None = None
     rejects_path: Path | None = None
+
+    def add_rejects(self, rejects: list[dict]) -> None:
+        """Reject rows found bad after validation (too many tokens): counted, and appended to rejects.jsonl."""
+        if not rejects:
+            return
+        with open(self.rejects_path, "a", encoding="utf-8") as f:
+            f.writelines(json.dumps(reject, ensure_ascii=False) + "\n" for reject in rejects)
+        self.accepted -= len(rejects)
+        self.rejected += len(rejects)
+        self.first_rejects.extend(rejects[:SHOWN_REJECTS])
 
     @property
     def reject_ratio(self) -> float:
@@ -247,3 +263,27 @@ def check_report(report: DataReport, max_reject_ratio: float) -> None:
             f"{report.rejected} of {report.accepted + report.rejected} rows rejected ({report.reject_ratio:.1%} > "
             f"QLORA_DATA__MAX_REJECT_RATIO={max_reject_ratio}); first: line {first['line']}: {first['reason']}"
         )
+
+
+def fetch_inputs(settings: Settings, folder: Path) -> tuple[Path, Path | None]:
+    """Download the dataset (and the separate eval set, if any) into folder: (dataset, eval set or None)."""
+    dataset = storage.fetch_file(settings.dataset_uri, folder / "dataset.jsonl")
+    eval_set = storage.fetch_file(settings.eval.dataset_uri, folder / "eval.jsonl") if settings.eval.dataset_uri else None
+    log.info("dataset fetched", bytes=dataset.stat().st_size)
+    return dataset, eval_set
+
+
+def validate_inputs(settings: Settings, inputs: tuple[Path, Path | None], work: Path) -> tuple[DataReport, DataReport | None]:
+    """Validate the dataset and the eval set; raise a DataError past the allowed share of bad rows."""
+    dataset, eval_set = inputs
+    data = settings.data
+    report = validate_dataset(dataset, work, max_line_bytes=data.max_line_bytes, system_prompt=data.system_prompt)
+    log.info("dataset validated", **{k: v for k, v in report.summary().items() if k != "first_rejects"})
+    for reject in report.first_rejects[:5]:
+        log.warning("rejected row", **reject)
+    check_report(report, data.max_reject_ratio)
+    if eval_set is None:
+        return report, None
+    eval_report = validate_dataset(eval_set, work / "eval", max_line_bytes=data.max_line_bytes, system_prompt=data.system_prompt)
+    check_report(eval_report, data.max_reject_ratio)
+    return report, eval_report

@@ -11,10 +11,10 @@ PET_MASTER_ADDR / PET_MASTER_PORT): every node's job process starts its local wo
 static rendezvous; global rank 0 saves the adapter on node 0, and only node 0 verifies and
 publishes."""
 
-import json
 import os
 import signal
 from pathlib import Path
+from typing import NamedTuple
 
 from job.errors import EXIT_CODES, ExitCode, JobError, Terminated, WorkerFailed
 from job.logs import get_logger
@@ -56,14 +56,20 @@ def threads_per_worker(nproc: int) -> int:
     return max(1, cpus // nproc)
 
 
-def world_rank() -> int:
-    """Global rank inside a worker (0 outside torchrun)."""
-    return int(os.environ.get("RANK", "0"))
+class Ranks(NamedTuple):
+    rank: int  # global
+    local_rank: int  # the GPU this process trains on
+    world_size: int
 
 
-def launch_workers(spec: dict, work: Path, nproc: int, run_id: str) -> None:
-    """Run `python -m job train-worker` on nproc local processes (one rendezvous across nodes);
-    return when all succeeded, or raise the first failed worker's cause with its exit code."""
+def ranks() -> Ranks:
+    """This process's place in training, from torchrun's variables (one process: 0, 0, 1). The one place they are read."""
+    return Ranks(int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0")), int(os.environ.get("WORLD_SIZE", "1")))
+
+
+def launch_workers(spec, nproc: int) -> None:
+    """Run `python -m job train-worker SPEC` on nproc local processes (one rendezvous across nodes), each
+    with the same TrainSpec; return when all succeeded, or raise the first failed worker's cause and code."""
     import sys
 
     from torch.distributed.elastic.multiprocessing.api import DefaultLogsSpecs, SignalException
@@ -71,13 +77,13 @@ def launch_workers(spec: dict, work: Path, nproc: int, run_id: str) -> None:
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
 
     nodes, node_rank, master, port = node_layout()
-    errors = work / "worker-errors"
+    work, errors = spec.metrics_path.parent, spec.errors_dir
     errors.mkdir(parents=True, exist_ok=True)
-    spec_path = work / "worker-spec.json"
-    spec_path.write_text(json.dumps({**spec, "errors": str(errors)}))
+    spec_path = work / "train-spec.json"
+    spec_path.write_text(spec.to_json(), encoding="utf-8")
     options = {"shutdown_timeout": SHUTDOWN_GRACE_S} if "shutdown_timeout" in LaunchConfig.__dataclass_fields__ else {}  # torch >= 2.12
     config = LaunchConfig(
-        min_nodes=nodes, max_nodes=nodes, nproc_per_node=nproc, run_id=run_id,
+        min_nodes=nodes, max_nodes=nodes, nproc_per_node=nproc, run_id=spec.run_id,
         rdzv_backend="static", rdzv_endpoint=f"{master}:{port}", rdzv_configs={"rank": node_rank},
         max_restarts=0,  # a failed worker fails the pod; Kubernetes' backoffLimit owns retries
         monitor_interval=1, start_method="spawn", **options,

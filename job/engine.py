@@ -1,26 +1,27 @@
-"""Engines: load the base model and attach LoRA, for training or for a fresh reload.
+"""Engines: every difference between the two lives here: loading for training, loading for a fresh
+reload, merging, the dtype, and how load failures become one-line errors.
 
 - unsloth: FastLanguageModel, 4-bit NF4 QLoRA (the mission); CUDA only.
 - transformers: transformers + peft (+ bitsandbytes 4-bit on CUDA); runs on CPU.
 `import unsloth` happens only in this module, before trl/transformers/peft are
 imported by anything else, so that Unsloth can patch them."""
 
+import contextlib
 import hashlib
 import importlib.util
 import os
 from pathlib import Path
 
 from job import storage
-from job.errors import ConfigError, ModelLoadError
+from job.errors import ConfigError, ExportError, JobError, ModelLoadError, one_line
 from job.logs import get_logger
 from job.settings import Settings
 
 log = get_logger(__name__)
 os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no phoning home from a cluster
-# Unsloth's Triton fused cross-entropy compiles again, ~1 s on each card, the first time a batch's count
-# of trained tokens falls in a new divisibility case: stalls mid-training that DDP ranks wait on. Its
-# torch.compile'd chunked loss gives the same losses (to 1e-4) without them and a first step ~10 s shorter
-# (H200, bench/RESULTS.md run 13). UNSLOTH_FUSED_LINEAR=1 in the environment brings the fused loss back.
+# Unsloth's Triton fused cross-entropy recompiles mid-training whenever a batch's count of trained tokens
+# falls in a new divisibility case, a stall every DDP rank waits on; its compiled chunked loss gives the
+# same losses without them (bench/RESULTS.md). UNSLOTH_FUSED_LINEAR=1 in the environment brings it back.
 os.environ.setdefault("UNSLOTH_FUSED_LINEAR", "0")
 
 
@@ -79,6 +80,28 @@ def hub_kwargs(settings: Settings) -> dict:
     return kwargs
 
 
+LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)  # what from_pretrained raises for missing or bad weights
+
+
+@contextlib.contextmanager
+def load_errors(what: str, error: type[JobError] = ModelLoadError):
+    """Turn a library's load failure into a one-line JobError: `what: first line of the cause`."""
+    try:
+        yield
+    except LOAD_ERRORS as cause:
+        raise error(f"{what}: {one_line(cause)}") from None
+
+
+def model_dtype():
+    """The dtype every engine loads and computes in: bf16 on a CUDA card that has it (fp16 otherwise),
+    fp32 on CPU, where bf16 matmuls are slow and lose the small LoRA updates."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32
+    return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+
+
 def _set_chat_template(tokenizer, choice: str) -> None:
     from job.tiny import qwen_chat_template
 
@@ -88,11 +111,6 @@ def _set_chat_template(tokenizer, choice: str) -> None:
         tokenizer.chat_template = qwen_chat_template("qwen3")
     elif not tokenizer.chat_template:
         raise ConfigError("the tokenizer has no chat template; set QLORA_MODEL__CHAT_TEMPLATE=qwen3 or qwen2_5")
-
-
-def _load_errors(source: str, error: Exception) -> ModelLoadError:
-    text = str(error).splitlines()[0] if str(error) else type(error).__name__
-    return ModelLoadError(f"cannot load base model {source!r}: {text[:300]}")
 
 
 def gradient_checkpointing(settings: Settings, engine: str, config) -> str | bool:
@@ -106,87 +124,88 @@ def gradient_checkpointing(settings: Settings, engine: str, config) -> str | boo
 
         if not torch.cuda.is_available():
             return False
-        # Peak memory without recomputation, measured with Unsloth on an H200 (bench/RESULTS.md): about
-        # 56 bytes per token per hidden unit per layer plus the fp32 logits (4 bytes x vocabulary), and
-        # length-grouped batching starts with its longest rows, ~1.5x the budget. Qwen3-0.6B at 16,384
-        # tokens: 1.5 x 16,384 x (28 x 1,024 x 56 + 151,936 x 4) = 54 GB estimated, 37 GiB measured.
+        # Peak memory without recomputation (fitted on an H200, bench/RESULTS.md): ~56 bytes per token per
+        # hidden unit per layer plus the fp32 logits, and length-grouped batching starts with its longest
+        # rows, ~1.5x the budget. Qwen3-0.6B at 16,384 tokens: 1.5 x 16,384 x (28 x 1,024 x 56 + 151,936 x 4) = 54 GB.
         per_token = config.num_hidden_layers * config.hidden_size * 56 + config.vocab_size * 4
         activations = 1.5 * settings.train.micro_batch_tokens * per_token
         free, _ = torch.cuda.mem_get_info()
-        return ("unsloth" if engine == "unsloth" else True) if activations > 0.8 * free else False
-    if choice == "unsloth":
+        choice = "unsloth" if activations > 0.8 * free else "false"
+    if choice == "unsloth":  # Unsloth's offloaded variant; plain recomputation on the transformers engine
         return "unsloth" if engine == "unsloth" else True
     return choice == "true"
 
 
-def load_for_training(settings: Settings, engine: str, source: str):
-    """Load the base model from source and attach fresh LoRA adapters; returns (model, tokenizer)."""
-    lora = settings.lora
+def _load_base(settings: Settings, engine: str, source: str, *, quantized: bool = True, device: int = 0,
+               error: type[JobError] = ModelLoadError):
+    """The one place either engine's from_pretrained runs: (model, tokenizer or None), with the hub
+    arguments, the dtype and the error mapping every load shares. `source` may be an adapter folder for
+    Unsloth, which then loads its base model and the adapter (its merged save needs that)."""
+    what = f"cannot load base model {source!r}"
     if engine == "unsloth":
         import unsloth  # noqa: F401  (must precede trl/transformers/peft)
         from unsloth import FastLanguageModel
 
-        try:
-            model, tokenizer = FastLanguageModel.from_pretrained(
-                model_name=source, max_seq_length=settings.model.max_seq_length, dtype=None,
-                load_in_4bit=settings.model.load_in_4bit, **hub_kwargs(settings),
+        with load_errors(what, error):
+            return FastLanguageModel.from_pretrained(
+                model_name=source, max_seq_length=settings.model.max_seq_length, dtype=model_dtype(),
+                load_in_4bit=settings.model.load_in_4bit and quantized, **hub_kwargs(settings),
             )
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
-            raise _load_errors(source, error) from None
-        _set_chat_template(tokenizer, settings.model.chat_template)
-        model = FastLanguageModel.get_peft_model(
-            model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
-            bias="none", use_gradient_checkpointing=gradient_checkpointing(settings, engine, model.config),
-            random_state=settings.train.seed, max_seq_length=settings.model.max_seq_length,
-        )
-    else:
-        import torch
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    import torch
+    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-        tokenizer, model = load_tokenizer(settings, source), _load_hf_model(settings, source)
-        gc = gradient_checkpointing(settings, engine, model.config)
-        if getattr(model, "is_loaded_in_4bit", False):
-            model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc)
-        elif gc:
-            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
-            model.enable_input_require_grads()
-        torch.manual_seed(settings.train.seed)
-        model = get_peft_model(model, LoraConfig(
-            r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-            bias="none", task_type="CAUSAL_LM",
-        ))
-    return model, tokenizer
+    dtype = model_dtype()
+    kwargs = {"dtype": dtype, "use_safetensors": True, **hub_kwargs(settings)}
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": device}  # DDP: one GPU per worker
+        if settings.model.load_in_4bit and quantized:
+            kwargs["quantization_config"] = BitsAndBytesConfig(
+                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
+            )
+    with load_errors(what, error):
+        return AutoModelForCausalLM.from_pretrained(source, **kwargs), None
 
 
 def load_tokenizer(settings: Settings, source: str):
     """The base model's tokenizer with the chosen chat template, without loading weights."""
     from transformers import AutoTokenizer
 
-    try:
+    with load_errors(f"cannot load base model {source!r}"):
         tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(settings))
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise _load_errors(source, error) from None
     _set_chat_template(tokenizer, settings.model.chat_template)
     return tokenizer
 
 
-def _load_hf_model(settings: Settings, source: str):
-    import torch
-    from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+def load_for_training(settings: Settings, engine: str, source: str, device: int = 0):
+    """Load the base model from source and attach fresh LoRA adapters; returns (model, tokenizer)."""
+    lora = settings.lora
+    model, tokenizer = _load_base(settings, engine, source, device=device)
+    if tokenizer is None:
+        tokenizer = load_tokenizer(settings, source)
+    else:
+        _set_chat_template(tokenizer, settings.model.chat_template)
+    checkpointing = gradient_checkpointing(settings, engine, model.config)
+    if engine == "unsloth":
+        from unsloth import FastLanguageModel
 
-    cuda = has_cuda()
-    dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if cuda else torch.float32
-    kwargs = {"dtype": dtype, "use_safetensors": True, **hub_kwargs(settings)}
-    if cuda:
-        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}  # torchrun: one GPU per worker
-        if settings.model.load_in_4bit:
-            kwargs["quantization_config"] = BitsAndBytesConfig(
-                load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype,
-            )
-    try:
-        return AutoModelForCausalLM.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise _load_errors(source, error) from None
+        return FastLanguageModel.get_peft_model(
+            model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
+            bias="none", use_gradient_checkpointing=checkpointing, random_state=settings.train.seed,
+            max_seq_length=settings.model.max_seq_length,
+        ), tokenizer
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+
+    if getattr(model, "is_loaded_in_4bit", False):
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=checkpointing)
+    elif checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        model.enable_input_require_grads()
+    torch.manual_seed(settings.train.seed)
+    return get_peft_model(model, LoraConfig(
+        r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
+        bias="none", task_type="CAUSAL_LM",
+    )), tokenizer
 
 
 def load_for_inference(settings: Settings, engine: str, source: str, adapter_dir: Path):
@@ -194,24 +213,44 @@ def load_for_inference(settings: Settings, engine: str, source: str, adapter_dir
     from peft import PeftModel
     from transformers import AutoTokenizer
 
+    base, _ = _load_base(settings, engine, source)
+    with load_errors(f"cannot reload the saved adapter from {adapter_dir}"):
+        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
+        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
     if engine == "unsloth":
         from unsloth import FastLanguageModel
 
-        base, _ = FastLanguageModel.from_pretrained(
-            model_name=source, max_seq_length=settings.model.max_seq_length, dtype=None,
-            load_in_4bit=settings.model.load_in_4bit, **hub_kwargs(settings),
-        )
-    else:
-        base = _load_hf_model(settings, source)
-    try:
-        model = PeftModel.from_pretrained(base, str(adapter_dir), is_trainable=False)
-        tokenizer = AutoTokenizer.from_pretrained(str(adapter_dir))
-    except (OSError, ValueError, KeyError, RuntimeError) as error:
-        raise ModelLoadError(f"cannot reload the saved adapter from {adapter_dir}: {str(error).splitlines()[0][:300]}") from None
-    if engine == "unsloth":
         FastLanguageModel.for_inference(model)
     model.eval()
     return model, tokenizer
+
+
+def merge_adapter(settings: Settings, engine: str, source: str, adapter_dir: Path, merged_dir: Path) -> Path:
+    """Write base + adapter as one 16-bit model to merged_dir (safetensors, with the tokenizer). Merged in
+    model_dtype(), so the merged weights are the ones the adapter was verified with, rounded once to 16 bits."""
+    import torch
+
+    failed = "merging the adapter into the base model failed"
+    merged_dir.mkdir(parents=True, exist_ok=True)
+    if engine == "unsloth":
+        # Unsloth loads base + adapter from the adapter folder and dequantises the 4-bit base as it merges.
+        model, tokenizer = _load_base(settings, engine, str(adapter_dir), error=ExportError)
+        with load_errors(failed, ExportError):
+            model.save_pretrained_merged(str(merged_dir), tokenizer, save_method="merged_16bit")
+    else:
+        from peft import PeftModel
+        from transformers import AutoTokenizer
+
+        base, _ = _load_base(settings, engine, source, quantized=False, error=ExportError)
+        with load_errors(failed, ExportError):
+            model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
+            if model.dtype == torch.float32:  # CPU: merged in fp32, published in 16 bits
+                model = model.to(torch.bfloat16)
+            model.save_pretrained(str(merged_dir), safe_serialization=True)
+            AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(merged_dir))
+    del model
+    log.info("merged model written", folder=str(merged_dir), bytes=sum(p.stat().st_size for p in merged_dir.rglob("*") if p.is_file()))
+    return merged_dir
 
 
 def free_memory() -> None:
@@ -223,4 +262,3 @@ def free_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-

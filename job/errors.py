@@ -36,6 +36,14 @@ EXIT_CODES: dict[ExitCode, tuple[bool, str]] = {
 }
 
 
+def one_line(error: BaseException | str, limit: int = 300) -> str:
+    """The first line of an error's message, at most `limit` characters; its type's name when it has none."""
+    text = str(error).strip()
+    if not text:
+        return type(error).__name__ if isinstance(error, BaseException) else "unknown error"
+    return text.splitlines()[0][:limit]
+
+
 class JobError(Exception):
     """An expected failure: its message is one line for the user, its code the exit status."""
 

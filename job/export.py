@@ -5,7 +5,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from job.engine import hub_kwargs
+from job import engine
 from job.errors import ConfigError, ExportError
 from job.logs import get_logger
 from job.settings import Settings
@@ -31,35 +31,21 @@ def check_settings(settings: Settings) -> Path | None:
     return None
 
 
-def merge_adapter(settings: Settings, engine: str, source: str, adapter_dir: Path, merged_dir: Path) -> Path:
-    """Write base + adapter as one 16-bit model to merged_dir (safetensors, with the tokenizer)."""
-    import torch
+def export_run(settings: Settings, engine_name: str, source: str, out: Path, probes: list[dict], adapter_report: dict,
+               gguf_converter: Path | None) -> None:
+    """The export stage: merge the adapter into the base model (out/merged), gate the merged model as the
+    adapter was (out/verify-merged.json), and convert it to GGUF when asked."""
+    from job import verify
 
-    merged_dir.mkdir(parents=True, exist_ok=True)
-    try:
-        if engine == "unsloth":
-            from unsloth import FastLanguageModel
-
-            # Unsloth loads base + adapter from the adapter folder and dequantises the 4-bit base as it merges.
-            model, tokenizer = FastLanguageModel.from_pretrained(
-                model_name=str(adapter_dir), max_seq_length=settings.model.max_seq_length, dtype=None,
-                load_in_4bit=settings.model.load_in_4bit,
-            )
-            model.save_pretrained_merged(str(merged_dir), tokenizer, save_method="merged_16bit")
-        else:
-            from peft import PeftModel
-            from transformers import AutoModelForCausalLM, AutoTokenizer
-
-            dtype = torch.bfloat16 if not torch.cuda.is_available() or torch.cuda.is_bf16_supported() else torch.float16
-            base = AutoModelForCausalLM.from_pretrained(source, dtype=dtype, use_safetensors=True, **hub_kwargs(settings))
-            model = PeftModel.from_pretrained(base, str(adapter_dir)).merge_and_unload()
-            model.save_pretrained(str(merged_dir), safe_serialization=True)
-            AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(merged_dir))
-    except (OSError, ValueError, RuntimeError) as error:
-        raise ExportError(f"merging the adapter into the base model failed: {str(error).splitlines()[0][:300]}") from None
-    del model
-    log.info("merged model written", folder=str(merged_dir), bytes=sum(p.stat().st_size for p in merged_dir.rglob("*") if p.is_file()))
-    return merged_dir
+    merged = engine.merge_adapter(settings, engine_name, source, out / "adapter", out / "merged")
+    engine.free_memory()
+    model, tokenizer = load_merged(merged)
+    verify.verify_merged(model, tokenizer, probes, adapter_report, out.parent / "verify-merged.json", settings)
+    (out.parent / "verify-merged.json").replace(out / "verify-merged.json")
+    del model, tokenizer
+    engine.free_memory()
+    if gguf_converter is not None:
+        convert_gguf(gguf_converter, merged, out / "gguf", settings.export.gguf_type, settings.export.gguf == "require")
 
 
 def load_merged(merged_dir: Path):
@@ -82,7 +68,7 @@ def convert_gguf(converter: Path, merged_dir: Path, out_dir: Path, out_type: str
     if result.returncode == 0 and target.is_file():
         log.info("GGUF written", file=target.name, bytes=target.stat().st_size)
         return target
-    cause = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1][:300]
+    cause = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1][:300]  # the converter's last line says why
     target.unlink(missing_ok=True)
     if required:
         raise ExportError(f"GGUF conversion failed: {cause}")

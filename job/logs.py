@@ -1,9 +1,11 @@
 """structlog set-up: JSON lines in pods, a readable console on a TTY, and stdlib
 logging (transformers, datasets, boto3) rendered by the same processors."""
 
+import contextlib
 import logging
 import os
 import sys
+import time
 
 import structlog
 
@@ -60,3 +62,21 @@ def bind(**values) -> None:
 
 def get_logger(name: str = "job"):
     return structlog.stdlib.get_logger(name)
+
+
+class Stages:
+    """`with stages("fetch"):` binds the log's stage, times it into `timings` as fetch_s (also when it
+    fails), and logs "stage finished" with its seconds."""
+
+    def __init__(self, timings: dict[str, float]):
+        self.timings = timings
+
+    @contextlib.contextmanager
+    def __call__(self, name: str):
+        bind(stage=name)
+        started = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.timings[f"{name}_s"] = round(time.perf_counter() - started, 3)
+        get_logger("job").info("stage finished", seconds=self.timings[f"{name}_s"])

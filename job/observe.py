@@ -2,10 +2,13 @@
 scrape would miss them), the Trainer's own integrations (tensorboard, mlflow, wandb), and a
 loss-curve PNG that a person can open from the bucket."""
 
+import contextlib
+import json
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
-from job.errors import ConfigError
+from job.errors import ConfigError, one_line
 from job.logs import get_logger
 from job.settings import Settings
 
@@ -45,11 +48,40 @@ class Pusher:
         try:
             push_to_gateway(self.url, job=JOB_LABEL, grouping_key={"run_id": self.run_id}, registry=self.registry, timeout=5)
         except OSError as error:
-            log.warning("pushgateway push failed", url=self.url, error=str(error).splitlines()[0][:200])
+            log.warning("pushgateway push failed", url=self.url, error=one_line(error, 200))
 
 
 def pusher(settings: Settings, run_id: str) -> Pusher:
     return Pusher(settings.metrics.pushgateway_url, run_id, settings.metrics.push_every_seconds)
+
+
+@dataclass
+class RunMetrics:
+    """One run's numbers: training's metrics, the stage timings, the data counts. metrics.json."""
+
+    run_id: str
+    timings: dict[str, float] = field(default_factory=dict)
+    train: object | None = None  # job.train.TrainMetrics, once training has run
+    data: object | None = None  # job.data.DataReport, once the data is validated
+
+    def as_json(self) -> dict:
+        document = {**self.train.as_dict(), "run_id": self.run_id, "timings": self.timings}
+        if self.data is not None:
+            document.update(overlength_truncated=self.data.truncated, data=self.data.summary())
+        return document
+
+
+@contextlib.contextmanager
+def metrics_file(path: Path, run_id: str):
+    """Yield the run's RunMetrics and write them to path once, when the block ends (also when a later
+    gate fails: the numbers stay in the work folder), if training ran."""
+    metrics = RunMetrics(run_id)
+    try:
+        yield metrics
+    finally:
+        if metrics.train is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            path.write_text(json.dumps(metrics.as_json(), ensure_ascii=False, indent=2), encoding="utf-8")
 
 
 def check_report_to(names: list[str]) -> list[str] | str:

@@ -8,6 +8,7 @@ from pathlib import Path
 
 from job import storage
 from job.logs import get_logger
+from job.settings import Settings, redacted
 
 log = get_logger(__name__)
 MANIFEST = "manifest.json"
@@ -31,9 +32,25 @@ def package_versions() -> dict[str, str]:
     return versions
 
 
+def build_manifest(run_id: str, settings: Settings, report, identity: dict, metrics: dict) -> dict:
+    """What manifest.json says of a run besides its objects: data, base model, engine, settings (secrets
+    redacted), losses. `report` is the DataReport, `identity` retrain.identity's, `metrics` metrics.json's."""
+    return {
+        "run_id": run_id,
+        "dataset": {"uri": settings.dataset_uri, "sha256": report.sha256, "rows_accepted": report.accepted,
+                    "rows_rejected": report.rejected},
+        "base_model": identity["base_model"],
+        "engine": metrics["engine"],
+        "settings": redacted(settings),
+        "settings_sha256": identity["settings_sha256"],
+        "loss": {"first": metrics["loss_first"], "last": metrics["loss_last"],
+                 "eval_before": metrics["eval_loss_before"], "eval_after": metrics["eval_loss_after"]},
+    }
+
+
 def publish_run(run_dir: Path, run_uri: str, manifest: dict) -> dict | None:
-    """Upload every file under run_dir, then manifest.json listing them (size, sha256).
-    Returns the manifest written, or None when another writer's manifest for this run_id was there first."""
+    """Upload every file under run_dir, then manifest.json listing them (size, sha256) after the given
+    fields. Returns the manifest written, or None when another writer's manifest for this run_id was there first."""
     objects = []
     for path in sorted(p for p in run_dir.rglob("*") if p.is_file()):
         key = path.relative_to(run_dir).as_posix()

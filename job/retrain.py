@@ -10,7 +10,7 @@ import json
 from job import storage
 from job.errors import StorageError
 from job.logs import get_logger
-from job.publish import MANIFEST
+from job.publish import MANIFEST, find_manifest
 from job.settings import Settings, redacted
 
 log = get_logger(__name__)
@@ -44,6 +44,26 @@ def identity(dataset_sha256: str, settings: Settings, model_fingerprint: str | N
 
 def unchanged_since(latest: dict | None, current: dict) -> bool:
     return latest is not None and all(latest.get(key) == value for key, value in current.items())
+
+
+def skip_unchanged(settings: Settings, current: dict) -> bool:
+    """True (and logged) when skipping is on and latest.json's run had this run's identity."""
+    latest = read_latest(settings.output_uri)
+    if not (settings.retrain.skip_unchanged and unchanged_since(latest, current)):
+        return False
+    log.info("unchanged since the latest published run; skipping", latest_run=latest["run_id"],
+             dataset_sha256=current["dataset_sha256"], settings_sha256=current["settings_sha256"])
+    return True
+
+
+def already_published(output_uri: str, run_uri: str) -> bool:
+    """True (and logged) when this run_id has a manifest: a retried pod of a finished run. latest.json is
+    moved again, for a pod that published but failed to move it."""
+    if (existing := find_manifest(run_uri)) is None:
+        return False
+    log.info("run already published; nothing to do", published_at=existing.get("published_at"))
+    move_latest(output_uri, existing)
+    return True
 
 
 def move_latest(output_uri: str, manifest: dict) -> None:

@@ -66,9 +66,9 @@ class TrainSettings(Section):
     )
     learning_rate: float | None = Field(
         None, gt=0,
-        description="Peak learning rate; unset: seed 2e-4, fast 2e-4 x (rows a step / the seed's 8), at most 8e-4.",
+        description="Peak learning rate; unset: seed 2e-4, fast scaled up with the rows a step (docs/design.md).",
     )
-    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; unset: seed 5, fast the steps that cover the seed's first 40 rows (at least 1).")
+    warmup_steps: int | None = Field(None, ge=0, description="Linear warm-up steps; unset: seed 5, fast the steps that cover the seed's first 5 steps' rows.")
     lr_scheduler_type: str = Field("linear", description="transformers scheduler name.")
     optim: str | None = Field(
         None, description="transformers optimizer name; unset: seed adamw_8bit (needs bitsandbytes on CUDA, else adamw_torch), "

@@ -23,6 +23,20 @@ def build_probes(settings: Settings, train_path: Path) -> list[dict]:
     return probes
 
 
+def verify_run(settings: Settings, engine_name: str, source: str, adapter_dir: Path, train_path: Path, out: Path):
+    """The gate stage: reload the saved adapter into a fresh base model, probe it, write out/verify.json.
+    Returns (probes, report) for the merged model's gate."""
+    from job import engine
+
+    model, tokenizer = engine.load_for_inference(settings, engine_name, source, adapter_dir)
+    probes = build_probes(settings, train_path)
+    report = verify_adapter(model, tokenizer, probes, out.parent / "verify.json", settings)
+    (out.parent / "verify.json").replace(out / "verify.json")  # published only when it passed
+    del model, tokenizer
+    engine.free_memory()
+    return probes, report
+
+
 def generate(model, tokenizer, messages: list[dict], max_new_tokens: int) -> dict:
     """Greedy answer to one conversation, built as consumers build it (Qwen3: thinking off)."""
     import torch

@@ -78,9 +78,8 @@ def test_job_trains_verifies_and_publishes_an_adapter_that_reproduces_what_it_le
 
     metrics = json.loads(s3.get_object(Bucket=bucket, Key="runs/run-1/metrics.json")["Body"].read())
     assert metrics["steps"] == 150 and metrics["loss_last"] < metrics["loss_first"] / 2
-    # One wall time per step (where stalls show); collections counted after the heap is frozen at step 1.
+    # One wall time per step (where stalls show).
     assert len(metrics["step_seconds"]) == 150 and all(t > 0 for t in metrics["step_seconds"])
-    assert metrics["gc_pauses"]["seconds"] < metrics["train_seconds"]
     verify = json.loads(s3.get_object(Bucket=bucket, Key="runs/run-1/verify.json")["Body"].read())
     probe = verify["probes"][0]
     assert verify["passed"] and probe["answer"] == PROBE["expected"] and probe["base_answer"] != PROBE["expected"]

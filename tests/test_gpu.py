@@ -72,3 +72,40 @@ def test_unsloth_merged_export_reloads_with_plain_transformers(qwen3_shaped_mode
     exact = sum(p["answer"] == a for p, (_, a) in zip(merged["probes"], FACTS, strict=True))
     size = sum(p.stat().st_size for p in (run / "merged").iterdir())
     print(f"merged: {exact}/4 answers exact, {same}/4 equal to the 4-bit adapter's, {size / 2**30:.2f} GiB on disk")
+
+
+def test_unsloth_reload_of_a_missing_base_model_is_exit_5s_error_not_an_internal_one(tmp_path):
+    """verify's fresh reload goes through the same load mapping as training (it had none: exit 1, retried)."""
+    from job import engine
+    from job.errors import ModelLoadError
+    from job.settings import Settings
+
+    settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path / "out"), engine="unsloth")
+    missing = str(tmp_path / "no-such-model")
+    with pytest.raises(ModelLoadError, match="cannot load base model"):
+        engine.load_for_inference(settings, "unsloth", missing, tmp_path / "adapter")
+
+
+def test_unsloth_merge_loads_with_the_hub_arguments(qwen3_shaped_model, tmp_path, monkeypatch):
+    """Unsloth's merged save loads base + adapter through the one Unsloth load: token, revision, no remote code."""
+    from job import engine
+    from job.settings import Settings
+
+    settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path / "out"), engine="unsloth", hf_token="hf_gated_model_token")
+    model, tokenizer = engine.load_for_training(settings, "unsloth", str(qwen3_shaped_model))  # an untrained Unsloth adapter
+    model.save_pretrained(tmp_path / "adapter")
+    tokenizer.save_pretrained(tmp_path / "adapter")
+    del model
+    engine.free_memory()
+    from unsloth import FastLanguageModel
+
+    calls, original = [], FastLanguageModel.from_pretrained
+
+    def recorded(*args, **kwargs):
+        calls.append(kwargs)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(FastLanguageModel, "from_pretrained", recorded)
+    engine.merge_adapter(settings, "unsloth", str(qwen3_shaped_model), tmp_path / "adapter", tmp_path / "merged")
+    assert calls and calls[0]["token"] == "hf_gated_model_token" and calls[0]["trust_remote_code"] is False
+    assert (tmp_path / "merged" / "config.json").exists()

@@ -25,3 +25,20 @@ def test_two_pods_racing_on_one_run_id_never_both_publish(s3, bucket, tmp_path):
     manifest = publish.find_manifest(run_uri)
     assert manifest["pod"] == winner and {o["key"] for o in manifest["objects"]} == {"adapter/adapter_model.safetensors", "metrics.json"}
     assert publish.find_manifest(f"s3://{bucket}/runs/other") is None
+
+
+def test_the_manifest_names_data_model_engine_settings_and_losses_without_secrets(clean_env):
+    from job.data import DataReport
+    from job.retrain import identity
+    from job.settings import Settings
+
+    settings = Settings(dataset_uri="s3://data/train.jsonl", output_uri="s3://models/runs", hf_token="hf_not_for_manifests")
+    report = DataReport(source="/work/dataset.jsonl", sha256="d" * 64, accepted=98, rejected=2)
+    run_identity = identity(report.sha256, settings, "fp")
+    metrics = {"engine": "transformers", "loss_first": 3.2, "loss_last": 0.4, "eval_loss_before": None, "eval_loss_after": None}
+    manifest = publish.build_manifest("run-7", settings, report, run_identity, metrics)
+    assert manifest["dataset"] == {"uri": "s3://data/train.jsonl", "sha256": "d" * 64, "rows_accepted": 98, "rows_rejected": 2}
+    assert manifest["base_model"] == run_identity["base_model"] and manifest["settings_sha256"] == run_identity["settings_sha256"]
+    assert (manifest["run_id"], manifest["engine"]) == ("run-7", "transformers")
+    assert manifest["loss"] == {"first": 3.2, "last": 0.4, "eval_before": None, "eval_after": None}
+    assert manifest["settings"]["hf_token"] == "**********" and "hf_not_for_manifests" not in json.dumps(manifest)

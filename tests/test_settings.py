@@ -3,8 +3,8 @@ import json
 import pytest
 
 from job.errors import ConfigError, ExitCode
+from job.plan import batch_plan
 from job.settings import SEVEN_PROJECTIONS, env_docs, load_settings
-from job.train import batch_plan
 from tests.conftest import REPO, run_job
 
 REQUIRED = {"QLORA_DATASET_URI": "s3://data/train.jsonl", "QLORA_OUTPUT_URI": "s3://models/runs"}
@@ -19,9 +19,9 @@ def test_defaults_are_the_seed_tutorials_recipe(clean_env, monkeypatch):
     t = s.train
     assert t.recipe == "fast" and t.max_steps == 60
     s.train.recipe = "seed"
-    assert batch_plan(s, "unsloth") == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
-                                        "sampling": "random", "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 8,
-                                        "learning_rate": 2e-4, "warmup_steps": 5}
+    assert batch_plan(s).as_dict() == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
+                                       "sampling": "random", "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 8,
+                                       "learning_rate": 2e-4, "warmup_steps": 5}
     assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (None, None, "linear", None)
     assert (t.weight_decay, t.seed, s.model.max_seq_length, s.model.load_in_4bit) == (0.01, 3407, 2048, True)
     assert s.data.max_reject_ratio == 0.0 and s.engine == "auto"
@@ -102,32 +102,3 @@ def test_configuration_doc_lists_exactly_what_the_code_accepts():
     table = doc.split("<!-- env-docs:start -->\n")[1].split("<!-- env-docs:end -->")[0]
     generated = run_job("config", "--env-docs", "--markdown", env={}).stdout
     assert table == generated, "regenerate with: make docs"
-
-
-def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean_env, monkeypatch):
-    for key, value in REQUIRED.items():
-        monkeypatch.setenv(key, value)
-    s = load_settings()
-    # 16,384-token budget / 580 tokens a row = 28 rows, one micro-batch a step, length-grouped;
-    # 28 rows instead of the seed's 8: learning rate x 3.5, warm-up over 40 rows = 2 steps.
-    plan = batch_plan(s, "unsloth", mean_row_tokens=580)
-    assert plan.pop("learning_rate") == pytest.approx(2e-4 * 3.5)
-    assert plan == {"per_device_batch_size": 28, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length",
-                    "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 28, "warmup_steps": 2}
-    # On a GPU, lengths are padded to a multiple of 64 so shapes repeat (kernels are not rebuilt mid-run).
-    assert batch_plan(s, "unsloth", mean_row_tokens=580, cuda=True)["pad_to_multiple_of"] == 64
-    # Two GPUs double the rows a step; the learning-rate scale is capped at 4x.
-    assert batch_plan(s, "unsloth", mean_row_tokens=580, world_size=2)["rows_per_step"] == 56
-    assert batch_plan(s, "unsloth", mean_row_tokens=20)["learning_rate"] == pytest.approx(8e-4)
-    monkeypatch.setenv("QLORA_TRAIN__LEARNING_RATE", "1e-3")
-    monkeypatch.setenv("QLORA_TRAIN__WARMUP_STEPS", "0")
-    assert (batch_plan(load_settings(), "unsloth", mean_row_tokens=580)["learning_rate"],
-            batch_plan(load_settings(), "unsloth", mean_row_tokens=580)["warmup_steps"]) == (1e-3, 0)
-    monkeypatch.setenv("QLORA_TRAIN__PAD_TO_MULTIPLE_OF", "8")
-    assert batch_plan(load_settings(), "unsloth", mean_row_tokens=580)["pad_to_multiple_of"] == 8
-    monkeypatch.setenv("QLORA_TRAIN__PACKING", "true")
-    monkeypatch.setenv("QLORA_TRAIN__MICRO_BATCH_TOKENS", "65536")
-    monkeypatch.setenv("QLORA_TRAIN__GRADIENT_ACCUMULATION_STEPS", "2")
-    plan = batch_plan(load_settings(), "unsloth")
-    assert {k: plan[k] for k in ("per_device_batch_size", "gradient_accumulation_steps", "packing", "sampling")} == {
-        "per_device_batch_size": 32, "gradient_accumulation_steps": 2, "packing": True, "sampling": "random"}

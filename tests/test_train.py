@@ -34,8 +34,8 @@ def test_prompt_is_masked_and_answer_with_end_of_turn_is_trained(kind, tmp_path,
     source = tmp_path / "d.jsonl"
     source.write_text(json.dumps(ROWS[kind]) + "\n")
     report = validate_dataset(source, tmp_path)
-    dataset, stats = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
-    assert stats["rejected"] == 0
+    dataset, _ = load_train_dataset(report, tiny_tokenizer, settings)
+    assert report.rejected == 0
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
     trainer = SFTTrainer(model=model, processing_class=tiny_tokenizer, train_dataset=dataset,
                          args=sft_config(settings, tmp_path / "ckpt", cuda=False))
@@ -59,30 +59,16 @@ def test_overlength_rows_are_rejected_with_their_line_or_kept_for_truncation(tmp
                       + json.dumps({"instruction": "long " * 200, "output": "too long"}) + "\n")
     report = validate_dataset(source, tmp_path)
     settings.model.max_seq_length = 64
-    dataset, stats = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
-    assert (len(dataset), stats["rejected"], stats["truncated"]) == (1, 1, 0)
+    dataset, _ = load_train_dataset(report, tiny_tokenizer, settings)
+    assert (len(dataset), report.accepted, report.rejected, report.truncated) == (1, 1, 1, 0)
     reject = json.loads(report.rejects_path.read_text().splitlines()[-1])
     assert reject["line"] == 2 and "longer than QLORA_MODEL__MAX_SEQ_LENGTH=64" in reject["reason"]
 
     settings.data.overlength = "truncate"
     report = validate_dataset(source, tmp_path / "again")
-    dataset, stats = load_train_dataset(report.train_path, report.rejects_path, tiny_tokenizer, settings)
-    assert (len(dataset), stats["rejected"], stats["truncated"]) == (2, 0, 1)
+    dataset, _ = load_train_dataset(report, tiny_tokenizer, settings)
+    assert (len(dataset), report.accepted, report.rejected, report.truncated) == (2, 2, 0, 1)
 
-
-
-def test_garbage_collections_during_training_are_timed_and_the_hook_removed():
-    import gc
-
-    from job.train import _timed_gc
-
-    pauses = []
-    with _timed_gc(pauses):
-        gc.collect()
-    assert pauses and pauses[-1][0] == 2 and pauses[-1][1] >= 0
-    count = len(pauses)
-    gc.collect()
-    assert len(pauses) == count  # the hook is gone after training
 
 
 @pytest.mark.parametrize(("given", "expected"), [(None, "0"), ("1", "1")])
@@ -99,3 +85,32 @@ def test_unsloth_fused_loss_is_off_unless_the_environment_asks_for_it(given, exp
     out = subprocess.run([sys.executable, "-c", "import os, job.engine; print(os.environ['UNSLOTH_FUSED_LINEAR'])"],
                          env=env, capture_output=True, text=True, check=True)
     assert out.stdout.strip() == expected
+
+
+def test_the_train_spec_crosses_the_process_boundary_whole_and_without_the_secret(clean_env, monkeypatch, tmp_path):
+    """The one value a DDP worker gets: every field survives JSON, settings come from the spec (not from
+    the worker's environment), and the token is taken from the environment instead of the file."""
+    from pathlib import Path
+
+    from job.train import TrainSpec
+
+    settings = Settings(dataset_uri="s3://data/x.jsonl", output_uri="s3://out/runs", hf_token="hf_secret_value",
+                        train={"max_steps": 5, "recipe": "seed"}, verify={"prompts": [{"prompt": "hi", "expected": "hello"}]})
+    spec = TrainSpec(settings=settings, engine="transformers", model_source="/models/base", train_dataset=tmp_path / "train",
+                     eval_dataset=None, mean_row_tokens=41.5, adapter_dir=tmp_path / "adapter", checkpoint_dir=tmp_path / "ckpt",
+                     run_id="r1", run_uri="s3://out/runs/r1", resume_from=Path("/w/resume/checkpoint-4"),
+                     metrics_path=tmp_path / "m.json", errors_dir=tmp_path / "errors")
+    text = spec.to_json()
+    assert "hf_secret_value" not in text
+    monkeypatch.setenv("QLORA_TRAIN__MAX_STEPS", "99")  # a worker's environment does not override the spec
+    monkeypatch.setenv("QLORA_HF_TOKEN", "hf_secret_value")
+    assert TrainSpec.from_json(text) == spec
+
+
+def test_steady_throughput_skips_the_warm_up_steps():
+    from job.train import _step_seconds, steady_tokens_per_second
+
+    steps = [(1.0 + i, 100 * (i + 1)) for i in range(8)]  # one step a second, 100 tokens each
+    assert steady_tokens_per_second(steps) == 100.0
+    assert steady_tokens_per_second(steps[:1]) is None
+    assert _step_seconds(0.0, steps[:3]) == [1.0, 1.0, 1.0]

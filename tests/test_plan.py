@@ -1,0 +1,60 @@
+"""Batch planning (job/plan.py): pure arithmetic on settings, no torch, no data."""
+
+import pytest
+
+from job.plan import BatchPlan, batch_plan
+from job.settings import Settings
+
+
+def settings(**train) -> Settings:
+    return Settings(dataset_uri="s3://data/train.jsonl", output_uri="s3://models/runs", train=train)
+
+
+def test_seed_recipe_is_the_tutorials_two_by_four_at_2e_4(clean_env):
+    assert batch_plan(settings(recipe="seed")) == BatchPlan(
+        per_device_batch_size=2, gradient_accumulation_steps=4, packing=False, sampling="random", pad_to_multiple_of=None,
+        world_size=1, rows_per_step=8, learning_rate=2e-4, warmup_steps=5)
+    # The seed recipe keeps its learning rate and shape on a GPU and on two of them (rows a step double).
+    two = batch_plan(settings(recipe="seed"), mean_row_tokens=580, world_size=2, cuda=True)
+    assert (two.rows_per_step, two.learning_rate, two.warmup_steps, two.pad_to_multiple_of) == (16, 2e-4, 5, None)
+
+
+def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean_env, monkeypatch):
+    s = settings()
+    # 16,384-token budget / 580 tokens a row = 28 rows, one micro-batch a step, length-grouped;
+    # 28 rows instead of the seed's 8: learning rate x 3.5, warm-up over 40 rows = 2 steps.
+    plan = batch_plan(s, mean_row_tokens=580).as_dict()
+    assert plan.pop("learning_rate") == pytest.approx(2e-4 * 3.5)
+    assert plan == {"per_device_batch_size": 28, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length",
+                    "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 28, "warmup_steps": 2}
+    # On a GPU, lengths are padded to a multiple of 64 so shapes repeat (kernels are not rebuilt mid-run).
+    assert batch_plan(s, mean_row_tokens=580, cuda=True).pad_to_multiple_of == 64
+    # Two GPUs double the rows a step; the learning-rate scale is capped at 4x.
+    assert batch_plan(s, mean_row_tokens=580, world_size=2).rows_per_step == 56
+    assert batch_plan(s, mean_row_tokens=20).learning_rate == pytest.approx(8e-4)
+    explicit = batch_plan(settings(learning_rate=1e-3, warmup_steps=0, pad_to_multiple_of=8), mean_row_tokens=580, cuda=True)
+    assert (explicit.learning_rate, explicit.warmup_steps, explicit.pad_to_multiple_of) == (1e-3, 0, 8)
+    plan = batch_plan(settings(packing=True, micro_batch_tokens=65536, gradient_accumulation_steps=2))
+    assert (plan.per_device_batch_size, plan.gradient_accumulation_steps, plan.packing, plan.sampling) == (32, 2, True, "random")
+
+
+def test_a_micro_batch_never_holds_more_rows_than_the_dataset_has(clean_env):
+    # 10 rows of 100 tokens: the budget would take 163; the plan takes all 10, or 5 a worker on two.
+    assert batch_plan(settings(), mean_row_tokens=100, dataset_rows=10).per_device_batch_size == 10
+    assert batch_plan(settings(), mean_row_tokens=100, dataset_rows=10, world_size=2).per_device_batch_size == 5
+    # 10 rows a step: lr 2e-4 x 10 / 8, warm-up ceil(40 / 10) = 4 steps.
+    plan = batch_plan(settings(), mean_row_tokens=100, dataset_rows=10)
+    assert (plan.learning_rate, plan.warmup_steps) == (pytest.approx(2.5e-4), 4)
+    # An explicit batch size is taken as given.
+    assert batch_plan(settings(per_device_batch_size=64), dataset_rows=10).per_device_batch_size == 64
+
+
+def test_packed_rows_a_step_count_rows_not_sequences(clean_env):
+    # 8 packed sequences of 2,048 tokens, each ~4 rows of 512 tokens: 32 rows a step, lr at the 4x cap.
+    plan = batch_plan(settings(packing=True), mean_row_tokens=512)
+    assert (plan.per_device_batch_size, plan.rows_per_step, plan.learning_rate, plan.warmup_steps) == (8, 32, pytest.approx(8e-4), 2)
+
+
+def test_before_the_data_is_measured_rows_are_taken_as_512_tokens(clean_env):
+    assert batch_plan(settings()).per_device_batch_size == 16384 // 512
+    assert batch_plan(settings(), mean_row_tokens=0.5).per_device_batch_size == 16384  # never divided by less than 1
