@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import importlib.util
 import os
+import shutil
 from pathlib import Path
 
 from job import storage
@@ -188,6 +189,8 @@ def load_for_training(settings: Settings, engine: str, source: str, device: int 
     if engine == "unsloth":
         from unsloth import FastLanguageModel
 
+        if lora.trainable_tokens:
+            raise ConfigError("QLORA_LORA__TRAINABLE_TOKENS needs QLORA_ENGINE=transformers (Unsloth trains whole embeddings only)")
         return FastLanguageModel.get_peft_model(
             model, r=lora.r, target_modules=lora.target_modules, lora_alpha=lora.alpha, lora_dropout=lora.dropout,
             bias="none", use_gradient_checkpointing=checkpointing, random_state=settings.train.seed,
@@ -204,8 +207,16 @@ def load_for_training(settings: Settings, engine: str, source: str, device: int 
     torch.manual_seed(settings.train.seed)
     return get_peft_model(model, LoraConfig(
         r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=lora.target_modules,
-        bias="none", task_type="CAUSAL_LM",
+        bias="none", task_type="CAUSAL_LM", trainable_token_indices=_token_ids(tokenizer, lora.trainable_tokens) or None,
     )), tokenizer
+
+
+def _token_ids(tokenizer, tokens: list[str]) -> list[int]:
+    vocab = tokenizer.get_vocab()
+    unknown = [t for t in tokens if t not in vocab]
+    if unknown:
+        raise ConfigError(f"QLORA_LORA__TRAINABLE_TOKENS: {unknown[0]!r} is not a token of the model's tokenizer")
+    return [vocab[t] for t in tokens]
 
 
 def load_for_inference(settings: Settings, engine: str, source: str, adapter_dir: Path):
@@ -248,6 +259,8 @@ def merge_adapter(settings: Settings, engine: str, source: str, adapter_dir: Pat
                 model = model.to(torch.bfloat16)
             model.save_pretrained(str(merged_dir), safe_serialization=True)
             AutoTokenizer.from_pretrained(str(adapter_dir)).save_pretrained(str(merged_dir))
+    if (adapter_dir / "generation_config.json").exists():  # the job's adapters: stops on the end-of-turn token (job/chat.py)
+        shutil.copyfile(adapter_dir / "generation_config.json", merged_dir / "generation_config.json")
     del model
     log.info("merged model written", folder=str(merged_dir), bytes=sum(p.stat().st_size for p in merged_dir.rglob("*") if p.is_file()))
     return merged_dir

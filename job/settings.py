@@ -42,6 +42,11 @@ class LoraSettings(Section):
     alpha: int = Field(16, ge=1, description="LoRA alpha (scale = alpha / r).")
     dropout: float = Field(0.0, ge=0.0, lt=1.0, description="LoRA dropout (0 lets Unsloth use its fast path).")
     target_modules: list[str] = Field(default_factory=lambda: list(SEVEN_PROJECTIONS), description="Modules that get adapters (JSON list).")
+    trainable_tokens: list[str] = Field(
+        default_factory=list,
+        description="Tokens whose embedding rows are trained too (peft trainable_token_indices; transformers engine): ChatML's "
+        "start and end tokens for a base model whose chat-template tokens were never trained (docs/design.md, Stopping).",
+    )
     gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = Field(
         "auto",
         description="Gradient checkpointing: auto (seed recipe: unsloth; fast recipe: only when activations would not fit), "

@@ -32,16 +32,19 @@ TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "nu
 
 
 def make_tiny_model(out_dir: Path, *, shape: dict | None = None, tokenizer_vocab: int = 2048, seed: int = 0,
-                    tokenizer=None) -> Path:
+                    tokenizer=None, template: str = "qwen3", eos_token: str | None = None) -> Path:
     """Build and save (safetensors) a random Qwen3 model and a tokenizer trained on the sample data
     (or the tokenizer given, e.g. Qwen2's real vocabulary: tests/test_operations.py's GGUF test).
-    shape: TINY (default) or QWEN3_0_6B; vocab_size None means the tokenizer's size."""
+    shape: TINY (default) or QWEN3_0_6B; vocab_size None means the tokenizer's size. template and
+    eos_token configure it like another release: ("qwen2_5", "<|endoftext|>") is a Qwen2.5 base model."""
     import torch
     from transformers import Qwen3Config, Qwen3ForCausalLM
 
     shape = dict(shape or TINY)
     fast = tokenizer if tokenizer is not None else _sample_tokenizer(tokenizer_vocab)
-    fast.chat_template = qwen_chat_template("qwen3")
+    fast.chat_template = qwen_chat_template(template)
+    if eos_token is not None:
+        fast.eos_token = eos_token
 
     shape["vocab_size"] = shape["vocab_size"] or len(fast)
     config = Qwen3Config(

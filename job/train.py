@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from job import checkpoint, distributed
+from job import chat, checkpoint, distributed
 from job.data import DataReport
 from job.errors import ConfigError, DataError, NonFiniteLoss, OutOfMemory, Terminated, VerifyError
 from job.logs import get_logger
@@ -255,17 +255,17 @@ def run_training(spec: TrainSpec, push) -> TrainMetrics | None:
     return metrics
 
 
-def check_labels(trainer, eos_token_id: int) -> dict:
-    """First-batch self-check: prompt tokens masked, answer tokens trained, end-of-turn trained."""
+def check_labels(trainer, end_of_turn_id: int) -> dict:
+    """First-batch self-check: prompt tokens masked, answer tokens trained, the template's end-of-turn trained."""
     batch = next(iter(trainer.get_train_dataloader()))
     labels = batch["labels"]
     trained = labels[labels != IGNORE]
-    result = {"masked": int((labels == IGNORE).sum()), "trained": int(trained.numel()), "eos_trained": int((trained == eos_token_id).sum())}
+    result = {"masked": int((labels == IGNORE).sum()), "trained": int(trained.numel()), "end_of_turn_trained": int((trained == end_of_turn_id).sum())}
     if result["masked"] == 0:
         raise DataError("label check failed: no prompt token is masked, the model would learn to echo prompts")
     if result["trained"] == 0:
         raise DataError("label check failed: no answer token is trained (is every answer truncated away?)")
-    if result["eos_trained"] == 0:
+    if result["end_of_turn_trained"] == 0:
         raise DataError("label check failed: the end-of-turn token is never trained, generation would not stop")
     return result
 
@@ -368,7 +368,7 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
                          args=sft_config(settings, spec.checkpoint_dir, cuda, plan), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # Progress logs through structlog; the printer would repeat it as dicts
-    labels = check_labels(trainer, tokenizer.eos_token_id)
+    labels = check_labels(trainer, chat.end_of_turn_id(tokenizer))
     log.info("label check passed", **labels)
 
     eval_before = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
@@ -402,6 +402,7 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
         spec.adapter_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(spec.adapter_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(spec.adapter_dir))
+        chat.generation_config(model, tokenizer).save_pretrained(str(spec.adapter_dir))
 
     curve, tokens, steps = progress.curve, int(trainer.state.num_input_tokens_seen), trainer.state.global_step
     steady = steady_tokens_per_second(progress.steps)

@@ -38,22 +38,26 @@ def verify_run(settings: Settings, engine_name: str, source: str, adapter_dir: P
 
 
 def generate(model, tokenizer, messages: list[dict], max_new_tokens: int) -> dict:
-    """Greedy answer to one conversation, built as consumers build it (Qwen3: thinking off)."""
+    """Greedy answer to one conversation, built as consumers build it (Qwen3: thinking off); it ends at
+    the chat template's end-of-turn token or EOS (job/chat.py)."""
     import torch
 
+    from job.chat import stop_token_ids
+
+    stop = stop_token_ids(tokenizer)
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, enable_thinking=False, return_tensors="pt", return_dict=True
     ).to(model.device)
     with torch.inference_mode():
         output = model.generate(
-            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=tokenizer.eos_token_id,
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,
             pad_token_id=tokenizer.pad_token_id, use_cache=True,
         )
     new_tokens = output[0, inputs["input_ids"].shape[1]:].tolist()
-    ended = tokenizer.eos_token_id in new_tokens
-    if ended:
-        new_tokens = new_tokens[: new_tokens.index(tokenizer.eos_token_id)]
-    return {"text": tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), "tokens": len(new_tokens), "ended": ended}
+    end = next((i for i, token in enumerate(new_tokens) if token in stop), None)
+    if end is not None:
+        new_tokens = new_tokens[:end]
+    return {"text": tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), "tokens": len(new_tokens), "ended": end is not None}
 
 
 def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, settings: Settings) -> dict:
@@ -69,7 +73,7 @@ def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, sett
             base = generate(model, tokenizer, probe["messages"], max_new)
         result = {
             "prompt": probe["messages"][-1]["content"], "source": probe["source"], "answer": tuned["text"],
-            "answer_tokens": tuned["tokens"], "ended_with_eos": tuned["ended"], "base_answer": base["text"],
+            "answer_tokens": tuned["tokens"], "ended_turn": tuned["ended"], "base_answer": base["text"],
             "expected": probe["expected"],
             "matches_expected": None if probe["expected"] is None else tuned["text"] == probe["expected"].strip(),
         }
@@ -85,7 +89,7 @@ def verify_merged(model, tokenizer, probes: list[dict], adapter_report: dict, re
     results = []
     for probe, earlier in zip(probes, adapter_report["probes"], strict=True):
         merged = generate(model, tokenizer, probe["messages"], settings.verify.max_new_tokens)
-        results.append({**earlier, "answer": merged["text"], "answer_tokens": merged["tokens"], "ended_with_eos": merged["ended"],
+        results.append({**earlier, "answer": merged["text"], "answer_tokens": merged["tokens"], "ended_turn": merged["ended"],
                         "adapter_answer": earlier["answer"],
                         "matches_expected": None if probe["expected"] is None else merged["text"] == probe["expected"].strip()})
         log.info("merged probe", prompt=results[-1]["prompt"][:80], answer=merged["text"][:120], ended=merged["ended"])
@@ -99,7 +103,7 @@ def _gate(results: list[dict], report_path: Path, settings: Settings, what: str)
     for i, r in enumerate(results):
         if not r["answer"]:
             failures.append(f"probe {i}: empty answer")
-        elif not r["ended_with_eos"]:
+        elif not r["ended_turn"]:
             failures.append(f"probe {i}: no end-of-turn within {max_new} tokens")
         if r["matches_expected"] is False:
             failures.append(f"probe {i}: answer differs from the expected one")

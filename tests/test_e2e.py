@@ -64,7 +64,7 @@ def test_job_trains_verifies_and_publishes_an_adapter_that_reproduces_what_it_le
     listed = {o["key"] for o in manifest["objects"]}
     assert listed == {k.removeprefix("runs/run-1/") for k in stored} - {"manifest.json"}
     assert {"adapter/adapter_model.safetensors", "adapter/adapter_config.json", "adapter/tokenizer.json",
-            "metrics.json", "verify.json", "rejects.jsonl"} <= listed
+            "adapter/generation_config.json", "metrics.json", "verify.json", "rejects.jsonl"} <= listed
     assert not any(k.endswith(".bin") for k in listed), "safetensors only"
     for item in manifest["objects"]:
         body = s3.get_object(Bucket=bucket, Key=f"runs/run-1/{item['key']}")["Body"].read()
@@ -109,6 +109,34 @@ def test_job_trains_verifies_and_publishes_an_adapter_that_reproduces_what_it_le
     assert any(e["event"] == "run already published; nothing to do" for e in events)
     assert not any(e.get("stage") == "train" for e in events)
     assert _objects(s3, bucket, "runs/run-1/")["runs/run-1/manifest.json"]["ETag"] == stored["runs/run-1/manifest.json"]["ETag"]
+
+
+@pytest.fixture(scope="module")
+def qwen2_5_base_like_model(tmp_path_factory):
+    """The tiny model with its tokenizer configured like Qwen2.5-0.5B base's: EOS and pad are <|endoftext|>,
+    the ChatML template ends every turn with <|im_end|>."""
+    from job.tiny import make_tiny_model
+
+    return make_tiny_model(tmp_path_factory.mktemp("qwen2.5-base") / "model", template="qwen2_5", eos_token="<|endoftext|>")
+
+
+@pytest.mark.slow
+def test_a_base_model_whose_eos_is_not_the_end_of_turn_learns_to_stop_on_im_end(s3, bucket, s3_run, qwen2_5_base_like_model, tmp_path):
+    from transformers import AutoTokenizer, GenerationConfig
+
+    env = {**s3_run, "QLORA_MODEL__NAME": str(qwen2_5_base_like_model), "QLORA_RUN_ID": "qwen2.5-base"}
+    result = run_job(env=env)
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    tokenizer = AutoTokenizer.from_pretrained(qwen2_5_base_like_model)
+    im_end, endoftext = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    assert tokenizer.eos_token_id == endoftext
+    metrics = json.loads(s3.get_object(Bucket=bucket, Key="runs/qwen2.5-base/metrics.json")["Body"].read())
+    assert metrics["label_check"]["end_of_turn_trained"] > 0, "the template's <|im_end|> is trained"
+    verify = json.loads(s3.get_object(Bucket=bucket, Key="runs/qwen2.5-base/verify.json")["Body"].read())
+    assert verify["passed"] and all(p["ended_turn"] and p["matches_expected"] for p in verify["probes"])
+    # The published generation config stops on the end-of-turn token first, and on EOS.
+    s3.download_file(bucket, "runs/qwen2.5-base/adapter/generation_config.json", str(tmp_path / "generation_config.json"))
+    assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == [im_end, endoftext]
 
 
 def test_bad_dataset_exits_3_and_publishes_nothing(s3, bucket, s3_run):

@@ -3,7 +3,7 @@ that both engines share. The Unsloth branches are checked on a GPU in tests/test
 
 import pytest
 
-from job.errors import ExportError, ModelLoadError
+from job.errors import ConfigError, ExportError, ModelLoadError
 from job.settings import Settings
 
 
@@ -84,3 +84,17 @@ def test_a_merge_that_cannot_load_its_base_is_an_export_error(settings, adapter,
 
     with pytest.raises(ExportError, match="cannot load base model"):
         engine.merge_adapter(settings, "transformers", str(tmp_path / "gone"), adapter, tmp_path / "merged")
+
+
+def test_trainable_tokens_train_those_embedding_rows_and_name_an_unknown_token(clean_env, tmp_path, tiny_model, tiny_tokenizer):
+    from job import engine
+
+    settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path), lora={"trainable_tokens": ["<|im_start|>", "<|im_end|>"]})
+    model, _ = engine.load_for_training(settings, "transformers", str(tiny_model))
+    trainable = {n: p.shape for n, p in model.named_parameters() if p.requires_grad and "lora_" not in n}
+    assert list(trainable.values()) == [(2, 64)], trainable  # the two rows (tied: the output rows with them)
+    assert model.peft_config["default"].trainable_token_indices == tiny_tokenizer.convert_tokens_to_ids(["<|im_start|>", "<|im_end|>"])
+
+    settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path), lora={"trainable_tokens": ["<|no_such|>"]})
+    with pytest.raises(ConfigError, match="'<|no_such|>' is not a token of the model's tokenizer"):
+        engine.load_for_training(settings, "transformers", str(tiny_model))

@@ -13,7 +13,7 @@ TRAINED = TrainMetrics(
     loss_curve=[{"step": 1, "tokens": 10, "loss": 3.0, "lr": 2e-4}], eval_rows=0, eval_loss_before=None, eval_loss_after=None,
     train_tokens=30, train_seconds=1.5, tokens_per_second=20.0, steady_tokens_per_second=None, tokens_per_step=10,
     step_seconds=[0.5, 0.5, 0.5], batch_plan={"rows_per_step": 8}, peak_gpu_memory_gib=None, world_size=1, cpu_threads=2,
-    label_check={"masked": 5, "trained": 4, "eos_trained": 1}, model_load_s=0.2)
+    label_check={"masked": 5, "trained": 4, "end_of_turn_trained": 1}, model_load_s=0.2)
 
 
 def test_metrics_are_written_once_with_training_timings_and_data_at_the_top_level(tmp_path):
@@ -26,7 +26,7 @@ def test_metrics_are_written_once_with_training_timings_and_data_at_the_top_leve
     written = json.loads(path.read_text())
     assert written["steps"] == 3 and written["engine"] == "transformers" and written["run_id"] == "run-1"
     assert written["timings"] == {"fetch_s": 0.1} and written["overlength_truncated"] == 1
-    assert written["data"]["accepted"] == 8 and written["label_check"]["eos_trained"] == 1
+    assert written["data"]["accepted"] == 8 and written["label_check"]["end_of_turn_trained"] == 1
 
 
 def test_a_gate_that_fails_after_training_still_leaves_the_numbers(tmp_path):

@@ -220,6 +220,7 @@ def test_merged_export_reloads_with_plain_transformers_and_reproduces_the_answer
         s3.download_file(bucket, key, str(local / key.rsplit("/", 1)[1]))
     model, tokenizer = AutoModelForCausalLM.from_pretrained(local), AutoTokenizer.from_pretrained(local)
     assert next(model.parameters()).dtype == torch.bfloat16
+    assert model.generation_config.eos_token_id == [tokenizer.convert_tokens_to_ids("<|im_end|>")], "the adapter's stop tokens"
     inputs = tokenizer.apply_chat_template([{"role": "user", "content": PROBE["prompt"]}], add_generation_prompt=True,
                                            enable_thinking=False, return_tensors="pt", return_dict=True)
     output = model.generate(**inputs, max_new_tokens=32, do_sample=False)

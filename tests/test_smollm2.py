@@ -81,7 +81,7 @@ def test_the_label_check_trains_the_end_of_turn_token(real_model, tmp_path, clea
     row = trainer.train_dataset[0]
     trained = [i for i, label in zip(row["input_ids"], row["labels"], strict=True) if label != -100]
     assert tokenizer.decode(trained) == "Integrated sensing and communication.<|im_end|>\n"
-    assert check_labels(trainer, tokenizer.eos_token_id)["eos_trained"] == 1
+    assert check_labels(trainer, tokenizer.eos_token_id)["end_of_turn_trained"] == 1
 
 
 # Invented facts: no pretrained model can know them, so only fine-tuning can put them in an answer.
@@ -113,7 +113,7 @@ def test_real_weights_learn_invented_facts_through_the_job_and_the_published_ada
     verify = json.loads(s3.get_object(Bucket=bucket, Key="runs/real-1/verify.json")["Body"].read())
     for probe, (_, answer, key) in zip(verify["probes"], INVENTED, strict=True):
         assert key not in probe["base_answer"], probe  # the base model does not know it
-        assert probe["answer"] == answer and probe["ended_with_eos"]  # the tuned adapter does
+        assert probe["answer"] == answer and probe["ended_turn"]  # the tuned adapter does
 
     adapter = tmp_path / "published-adapter"
     adapter.mkdir()

@@ -48,7 +48,7 @@ def test_prompt_is_masked_and_answer_with_end_of_turn_is_trained(kind, tmp_path,
     masked = decode([i for i, label in zip(ids, labels, strict=True) if label == -100])
     assert masked.endswith("<|im_start|>user\nWhat does ISAC stand for?<|im_end|>\n<|im_start|>assistant\n")
     assert ("Be brief." in masked) == (kind == "messages")
-    assert check_labels(trainer, tiny_tokenizer.eos_token_id)["eos_trained"] == 1
+    assert check_labels(trainer, tiny_tokenizer.eos_token_id)["end_of_turn_trained"] == 1
 
 
 def test_overlength_rows_are_rejected_with_their_line_or_kept_for_truncation(tmp_path, tiny_tokenizer, settings):
