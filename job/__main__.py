@@ -28,14 +28,13 @@ def new_run_id() -> str:
 
 def run(settings: Settings, run_id: str, push) -> ExitCode:
     """One fine-tuning run, a stage a line (docs/design.md, "How one run flows")."""
-    from job import data, engine, export, observe, retrain, train, verify
+    from job import data, engine, export, observe, publish, retrain, train, verify
 
     run_uri, work = storage.join(settings.output_uri, run_id), settings.work_dir / run_id
     out = work / "publish"  # exactly what gets uploaded
     bind(run_id=run_id, stage="start")
     log.info("run starting", output=run_uri, dataset=settings.dataset_uri, model=settings.model.name)
-    if retrain.already_published(settings.output_uri, run_uri):
-        return ExitCode.OK
+    published = publish.find_manifest(run_uri)  # a retried pod of a finished run, or a reused run_id
     gguf_converter = export.check_settings(settings)
     observe.check_report_to(settings.metrics.report_to)
     with observe.metrics_file(out / "metrics.json", run_id) as metrics:
@@ -46,11 +45,14 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
             metrics.data, eval_report = data.validate_inputs(settings, inputs, work)
         with stage("fingerprint"):
             identity = retrain.identity(metrics.data.sha256, settings, engine.base_model_fingerprint(settings))
+        if published is not None:
+            retrain.already_published(settings.output_uri, published, identity)
+            return ExitCode.OK
         if retrain.skip_unchanged(settings, identity):
             return ExitCode.OK
         with stage("load"):
             source = engine.fetch_base_model(settings, identity["base_model"]["fingerprint"])
-            spec = train.prepare(settings, engine.resolve_engine(settings.engine), source, metrics.data, eval_report, work, run_uri, run_id)
+            spec = train.prepare(settings, engine.resolve_engine(settings.engine, settings.require_gpu), source, metrics.data, eval_report, work, run_uri, run_id)
         with stage("train"):
             metrics.train = train.run_training(spec, push)
         if metrics.train is None:

@@ -32,8 +32,12 @@ def has_cuda() -> bool:
     return torch.cuda.is_available()
 
 
-def resolve_engine(requested: str) -> str:
-    """auto -> unsloth on a CUDA GPU with unsloth installed, else transformers."""
+def resolve_engine(requested: str, require_gpu: bool = False) -> str:
+    """auto -> unsloth on a CUDA GPU with unsloth installed, else transformers. require_gpu: a pod that
+    asked for GPUs and sees none (driver or container runtime misconfigured) stops here, not hours later."""
+    if require_gpu and not has_cuda():
+        raise ConfigError("GPUs were requested (QLORA_REQUIRE_GPU=true) but CUDA sees none: check the node's NVIDIA driver, "
+                          "the container runtime (runtimeClassName) and NVIDIA_VISIBLE_DEVICES")
     unsloth_installed = importlib.util.find_spec("unsloth") is not None
     if requested == "auto":
         # find_spec first: importing torch to ask about CUDA costs seconds we need not spend twice.

@@ -8,9 +8,9 @@ import hashlib
 import json
 
 from job import storage
-from job.errors import StorageError
+from job.errors import ConfigError, StorageError
 from job.logs import get_logger
-from job.publish import MANIFEST, find_manifest
+from job.publish import MANIFEST
 from job.settings import Settings, redacted
 
 log = get_logger(__name__)
@@ -56,14 +56,24 @@ def skip_unchanged(settings: Settings, current: dict) -> bool:
     return True
 
 
-def already_published(output_uri: str, run_uri: str) -> bool:
-    """True (and logged) when this run_id has a manifest: a retried pod of a finished run. latest.json is
-    moved again, for a pod that published but failed to move it."""
-    if (existing := find_manifest(run_uri)) is None:
-        return False
-    log.info("run already published; nothing to do", published_at=existing.get("published_at"))
-    move_latest(output_uri, existing)
-    return True
+def already_published(output_uri: str, manifest: dict, current: dict) -> None:
+    """This run_id has a manifest. A retried pod of that run (same identity) logs it and moves latest.json
+    again, for a pod that published but failed to move it; a run_id reused with another dataset, settings
+    or base model is refused: it would train nothing and succeed."""
+    published = {"dataset_sha256": manifest["dataset"]["sha256"], "settings_sha256": manifest.get("settings_sha256"),
+                 "base_model": manifest["base_model"]}
+    for key, what in (("dataset_sha256", "dataset"), ("settings_sha256", "settings"), ("base_model", "base model")):
+        if published[key] != current[key]:
+            raise ConfigError(f"run {manifest['run_id']!r} is already published with another {what} "
+                              f"({_short(published[key])}; this run: {_short(current[key])}): set a new QLORA_RUN_ID")
+    log.info("run already published; nothing to do", published_at=manifest.get("published_at"))
+    move_latest(output_uri, manifest)
+
+
+def _short(value) -> str:
+    if isinstance(value, dict):  # the base model
+        return f"{value.get('name')} {(value.get('fingerprint') or value.get('revision') or '')[:12]}".strip()
+    return f"sha256 {str(value)[:12]}"
 
 
 def move_latest(output_uri: str, manifest: dict) -> None:

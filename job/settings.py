@@ -181,6 +181,9 @@ class Settings(BaseSettings):
     log_format: Literal["auto", "json", "console"] = Field("auto", description="auto: console on a TTY, JSON lines otherwise.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Lowest level logged.")
     hf_token: SecretStr | None = Field(None, description="Hub token for gated base models (secret; never logged).")
+    require_gpu: bool = Field(
+        False, description="Exit 2 when no CUDA GPU is visible instead of training on CPU (the chart sets it when the pod requests GPUs).",
+    )
     nproc_per_node: str = Field(
         "auto", description="Training processes on this node, one per GPU: auto (every visible GPU, 1 on CPU) or a number; "
         "above 1 the job trains with DDP through torchrun's launcher.",

@@ -46,6 +46,7 @@ CASES = {
     "list-setting-not-json": (None, {"QLORA_VERIFY__PROMPTS": "hello"}, 2, "QLORA_VERIFY__PROMPTS: must be JSON"),
     "probe-missing-prompt": (None, {"QLORA_VERIFY__PROMPTS": '[{"expected": "x"}]'}, 2, "QLORA_VERIFY__PROMPTS"),
     "unsloth-without-gpu": (None, {"QLORA_ENGINE": "unsloth"}, 2, "QLORA_ENGINE=unsloth"),
+    "gpu-requested-none-visible": (None, {"QLORA_REQUIRE_GPU": "true"}, 2, "GPUs were requested (QLORA_REQUIRE_GPU=true) but CUDA sees none"),
     "missing-base-model": (None, {"QLORA_MODEL__NAME": "/models/absent"}, 5, "cannot load base model '/models/absent'"),
     "access-denied": (None, {"deny": "1"}, 2, "AccessDenied"),
     "report-to-not-installed": (None, {"QLORA_METRICS__REPORT_TO": '["wandb"]'}, 2, "wandb is not installed"),

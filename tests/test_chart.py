@@ -134,8 +134,8 @@ def test_workload_identity_and_scheduling_values_reach_the_pod():
     assert spec["serviceAccountName"] == sa["metadata"]["name"] and spec["priorityClassName"] == "batch-low"
     assert spec["containers"][0]["resources"]["limits"]["nvidia.com/gpu"] == 1
     assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
-    labels = next(d for d in docs if d["kind"] == "Job")["spec"]["template"]["metadata"]["labels"]
-    assert labels["kueue.x-k8s.io/queue-name"] == "gpu-training"
+    job = next(d for d in docs if d["kind"] == "Job")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu-training"
     run_id = next(e for e in spec["containers"][0]["env"] if e["name"] == "QLORA_RUN_ID")
     assert run_id["valueFrom"]["fieldRef"]["fieldPath"] == "metadata.labels['batch.kubernetes.io/job-name']"
 
@@ -183,3 +183,100 @@ def test_chart_readme_values_table_is_current():
 
     result = subprocess.run([sys.executable, str(REPO / "helm" / "chart_docs.py"), "--check"])
     assert result.returncode == 0, "regenerate: make chart-files"
+
+
+# Defects a real cluster shows (issue 16): each test below failed before its fix.
+MINIMAL = ("--set", "datasetUri=s3://a-bucket/x.jsonl", "--set", "outputUri=s3://a-bucket/out")
+
+
+def _env(docs: list[dict]) -> list[dict]:
+    return pod_spec(docs)["containers"][0]["env"]
+
+
+def test_kueue_reads_the_queue_from_the_job_and_the_cronjobs_job_template():
+    """Kueue admits a Job by the queue-name label on the Job itself; on the pod template it is ignored."""
+    job = next(d for d in render(*MINIMAL, "--set", "kueue.queueName=gpu") if d["kind"] == "Job")
+    assert job["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert "kueue.x-k8s.io/queue-name" not in job["spec"]["template"]["metadata"]["labels"]
+    cron = next(d for d in render(*MINIMAL, "--set", "kueue.queueName=gpu", "--set", "schedule=0 3 * * 1") if d["kind"] == "CronJob")
+    assert cron["spec"]["jobTemplate"]["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "gpu"
+    assert "kueue.x-k8s.io/queue-name" not in cron["spec"]["jobTemplate"]["spec"]["template"]["metadata"]["labels"]
+
+
+def test_the_chart_renders_as_a_subchart_with_global_values(tmp_path):
+    import shutil
+
+    umbrella = tmp_path / "platform"
+    shutil.copytree(CHART, umbrella / "charts" / "qlora-job")
+    (umbrella / "Chart.yaml").write_text("apiVersion: v2\nname: platform\nversion: 1.0.0\n")
+    (umbrella / "values.yaml").write_text("global:\n  imageRegistry: registry.example\nqlora-job:\n"
+                                          "  datasetUri: s3://a-bucket/x.jsonl\n  outputUri: s3://a-bucket/out\n")
+    docs = [d for d in yaml.safe_load_all(helm("template", "p", str(umbrella)).stdout) if d]
+    assert any(d["kind"] == "Job" for d in docs)
+
+
+def test_numbers_from_a_values_file_reach_the_job_exactly(tmp_path, clean_env, monkeypatch):
+    """YAML numbers arrive as float64: 2000000 rendered as 2e+06 and the settings loader refused it (exit 2)."""
+    from job.settings import Settings
+
+    values = tmp_path / "values.yaml"
+    values.write_text("datasetUri: s3://a-bucket/x.jsonl\noutputUri: s3://a-bucket/out\nmaxSteps: 2000000\n"
+                      "settings:\n  QLORA_CHECKPOINT__EVERY_STEPS: 1000000\n  QLORA_TRAIN__LEARNING_RATE: 2.0e-4\n"
+                      '  QLORA_LORA__TARGET_MODULES: ["q_proj", "v_proj"]\n')
+    env = {e["name"]: e.get("value") for e in _env(render("-f", str(values)))}
+    assert (env["QLORA_TRAIN__MAX_STEPS"], env["QLORA_CHECKPOINT__EVERY_STEPS"]) == ("2000000", "1000000")
+    assert env["QLORA_TRAIN__LEARNING_RATE"] == "0.0002" and env["QLORA_LORA__TARGET_MODULES"] == '["q_proj","v_proj"]'
+    for name, value in env.items():
+        if name.startswith("QLORA_") and value is not None:
+            monkeypatch.setenv(name, value)
+    settings = Settings()  # as the job reads its environment
+    assert settings.train.max_steps == 2_000_000 and settings.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_a_variable_the_user_repeats_appears_once_with_the_users_value():
+    """Server-side apply (Helm 4's default) refuses a container env list with a repeated name."""
+    docs = render(*MINIMAL, "--set", "settings.QLORA_TRAIN__MAX_STEPS=500",
+                  "--set-json", 'env=[{"name": "QLORA_ENGINE", "value": "transformers"}, {"name": "QLORA_LORA__R", "value": "4"}]',
+                  "--set", "settings.QLORA_LORA__R=8")
+    env = _env(docs)
+    names = [e["name"] for e in env]
+    assert len(names) == len(set(names)), names
+    values = {e["name"]: e.get("value") for e in env}
+    assert values["QLORA_TRAIN__MAX_STEPS"] == "500" and values["QLORA_ENGINE"] == "transformers" and values["QLORA_LORA__R"] == "4"
+    assert names.index("QLORA_TRAIN__MAX_STEPS") < names.index("QLORA_RUN_ID"), "a repeated name keeps its first place"
+
+
+def test_a_null_work_volume_size_is_an_empty_emptydir():
+    import kubernetes_validate
+
+    docs = render(*MINIMAL, "--set", "workVolume.sizeLimit=null")
+    tmp = next(v for v in pod_spec(docs)["volumes"] if v["name"] == "tmp")
+    assert tmp == {"name": "tmp", "emptyDir": {}}
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
+
+
+def test_the_pod_requests_node_disk_for_its_work_volume():
+    requests = pod_spec(render(*MINIMAL))["containers"][0]["resources"]["requests"]
+    assert requests["ephemeral-storage"] == "50Gi"
+
+
+def test_a_gpu_pod_is_told_to_refuse_cpu_training_and_a_cpu_pod_is_not():
+    assert {"name": "QLORA_REQUIRE_GPU", "value": "true"} in _env(render(*MINIMAL))
+    assert "QLORA_REQUIRE_GPU" not in {e["name"] for e in _env(render("-f", str(CHART / "ci" / "cpu-kind-values.yaml")))}
+
+
+def test_notes_and_readme_give_the_whole_exit_code_table():
+    notes = helm("install", "--dry-run=client", "run-1", str(CHART), *MINIMAL).stdout.split("NOTES:", 1)[1]
+    fail = sorted(int(c) for c, (retry, _) in EXIT_CODES.items() if not retry and c != ExitCode.OK)
+    retried = sorted(int(c) for c, (retry, _) in EXIT_CODES.items() if retry)
+    assert f"Exit codes {','.join(map(str, fail))} fail the Job at once" in notes
+    assert f"{','.join(map(str, retried))} are retried, up to backoffLimit=3" in notes
+    rows = {}
+    for line in (REPO / "README.md").read_text().split("## Exit codes", 1)[1].split("\n\n")[1].splitlines()[2:]:
+        code, _, retry = (cell.strip() for cell in line.strip("|").split("|"))
+        rows[int(code)] = retry
+    assert set(rows) == {int(c) for c in EXIT_CODES}
+    for code, (retry, _) in EXIT_CODES.items():
+        if int(code):
+            assert rows[int(code)].startswith("yes" if retry else "no"), (code, rows[int(code)])

@@ -110,6 +110,16 @@ def test_job_trains_verifies_and_publishes_an_adapter_that_reproduces_what_it_le
     assert not any(e.get("stage") == "train" for e in events)
     assert _objects(s3, bucket, "runs/run-1/")["runs/run-1/manifest.json"]["ETag"] == stored["runs/run-1/manifest.json"]["ETag"]
 
+    # The same run_id with other data (a release reinstalled with a new dataset): refused, not "done".
+    changed = dataset + b'{"instruction": "New?", "output": "Yes."}\n'
+    s3.put_object(Bucket=bucket, Key="data/facts.jsonl", Body=changed)
+    reused = run_job(env=s3_run)
+    assert reused.returncode == ExitCode.CONFIG, reused.stderr
+    old, new = (hashlib.sha256(body).hexdigest()[:12] for body in (dataset, changed))
+    assert reused.stderr.strip() == (f"qlora-job: error: run 'run-1' is already published with another dataset "
+                                     f"(sha256 {old}; this run: sha256 {new}): set a new QLORA_RUN_ID")
+    assert _objects(s3, bucket, "runs/run-1/")["runs/run-1/manifest.json"]["ETag"] == stored["runs/run-1/manifest.json"]["ETag"]
+
 
 @pytest.fixture(scope="module")
 def qwen2_5_base_like_model(tmp_path_factory):

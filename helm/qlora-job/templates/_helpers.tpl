@@ -21,6 +21,28 @@ app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
 app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- end }}
 
+{{/* The Job's own labels: Kueue reads its queue from the Job (a CronJob's jobTemplate), never from the pod template. */}}
+{{- define "qlora-job.jobLabels" -}}
+{{ include "qlora-job.labels" . }}
+{{- with .Values.kueue.queueName }}
+kueue.x-k8s.io/queue-name: {{ . }}
+{{- end }}
+{{- end }}
+
+{{/*
+An environment value as the job reads it: integers exactly (YAML numbers arrive as float64, which
+toString writes as 2e+06), lists and maps as JSON, everything else as its string.
+*/}}
+{{- define "qlora-job.envValue" -}}
+{{- if and (kindIs "float64" .) (eq (floor .) .) }}
+{{- printf "%d" (int64 .) }}
+{{- else if or (kindIs "slice" .) (kindIs "map" .) }}
+{{- toJson . }}
+{{- else }}
+{{- toString . }}
+{{- end }}
+{{- end }}
+
 {{- define "qlora-job.selectorLabels" -}}
 app.kubernetes.io/name: {{ include "qlora-job.name" . }}
 app.kubernetes.io/instance: {{ .Release.Name }}
@@ -85,9 +107,6 @@ template:
   metadata:
     labels:
       {{- include "qlora-job.selectorLabels" . | nindent 6 }}
-      {{- with .Values.kueue.queueName }}
-      kueue.x-k8s.io/queue-name: {{ . }}
-      {{- end }}
       {{- with .Values.podLabels }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
@@ -133,63 +152,7 @@ template:
         securityContext:
           {{- toYaml .Values.securityContext | nindent 10 }}
         env:
-          - name: QLORA_DATASET_URI
-            value: {{ required "datasetUri is required: the s3:// URI of the training JSONL" .Values.datasetUri | quote }}
-          - name: QLORA_OUTPUT_URI
-            value: {{ required "outputUri is required: the s3:// prefix that receives <run_id>/adapter and manifest.json" .Values.outputUri | quote }}
-          - name: QLORA_MODEL__NAME
-            value: {{ .Values.model | quote }}
-          - name: QLORA_ENGINE
-            value: {{ .Values.engine | quote }}
-          - name: QLORA_TRAIN__MAX_STEPS
-            value: {{ .Values.maxSteps | quote }}
-          - name: QLORA_RUN_ID
-            {{- if .Values.runId }}
-            value: {{ .Values.runId | quote }}
-            {{- else }}
-            # The Job's name: the same for every retry of this run, new for every CronJob run.
-            valueFrom:
-              fieldRef:
-                fieldPath: metadata.labels['batch.kubernetes.io/job-name']
-            {{- end }}
-          - name: QLORA_WORK_DIR
-            value: /tmp/qlora-job
-          - name: QLORA_TERMINATION_LOG
-            value: /dev/termination-log
-          {{- range $name, $value := .Values.settings }}
-          - name: {{ $name }}
-            value: {{ $value | toString | quote }}
-          {{- end }}
-          {{- with .Values.aws.region }}
-          - name: AWS_REGION
-            value: {{ . | quote }}
-          {{- end }}
-          {{- with .Values.aws.endpointUrl }}
-          - name: AWS_ENDPOINT_URL_S3
-            value: {{ . | quote }}
-          {{- end }}
-          {{- with .Values.aws.existingSecret }}
-          - name: AWS_ACCESS_KEY_ID
-            valueFrom:
-              secretKeyRef:
-                name: {{ . }}
-                key: AWS_ACCESS_KEY_ID
-          - name: AWS_SECRET_ACCESS_KEY
-            valueFrom:
-              secretKeyRef:
-                name: {{ . }}
-                key: AWS_SECRET_ACCESS_KEY
-          {{- end }}
-          {{- with .Values.hfToken.existingSecret }}
-          - name: QLORA_HF_TOKEN
-            valueFrom:
-              secretKeyRef:
-                name: {{ . }}
-                key: {{ $.Values.hfToken.key }}
-          {{- end }}
-          {{- with .Values.env }}
-          {{- toYaml . | nindent 10 }}
-          {{- end }}
+          {{- include "qlora-job.env" . | nindent 10 }}
         {{- with .Values.envFrom }}
         envFrom:
           {{- toYaml . | nindent 10 }}
@@ -210,13 +173,72 @@ template:
     volumes:
       # Work folder, model cache and every library cache: the root filesystem is read-only.
       - name: tmp
+        {{- with .Values.workVolume.sizeLimit }}
         emptyDir:
-          {{- with .Values.workVolume.sizeLimit }}
           sizeLimit: {{ . }}
-          {{- end }}
+        {{- else }}
+        emptyDir: {}
+        {{- end }}
       # PyTorch data loader workers share batches through /dev/shm; the default 64 MiB is too small.
       - name: dshm
         emptyDir:
           medium: Memory
           sizeLimit: {{ .Values.shmSize }}
+{{- end }}
+
+
+{{/*
+The container's environment: the chart's variables, then `settings`, then `env`. A name given twice
+appears once, where it first appeared, with the last value: the user's settings and env win over the
+chart's own (server-side apply refuses a list with a repeated name).
+*/}}
+{{- define "qlora-job.env" -}}
+{{- $env := list }}
+{{- $env = append $env (dict "name" "QLORA_DATASET_URI" "value" (required "datasetUri is required: the s3:// URI of the training JSONL" .Values.datasetUri)) }}
+{{- $env = append $env (dict "name" "QLORA_OUTPUT_URI" "value" (required "outputUri is required: the s3:// prefix that receives <run_id>/adapter and manifest.json" .Values.outputUri)) }}
+{{- $env = append $env (dict "name" "QLORA_MODEL__NAME" "value" (include "qlora-job.envValue" .Values.model)) }}
+{{- $env = append $env (dict "name" "QLORA_ENGINE" "value" (include "qlora-job.envValue" .Values.engine)) }}
+{{- $env = append $env (dict "name" "QLORA_TRAIN__MAX_STEPS" "value" (include "qlora-job.envValue" .Values.maxSteps)) }}
+{{- if .Values.runId }}
+{{- $env = append $env (dict "name" "QLORA_RUN_ID" "value" (include "qlora-job.envValue" .Values.runId)) }}
+{{- else }}
+{{- /* The Job's name: the same for every retry of this run, new for every CronJob run. */}}
+{{- $env = append $env (dict "name" "QLORA_RUN_ID" "valueFrom" (dict "fieldRef" (dict "fieldPath" "metadata.labels['batch.kubernetes.io/job-name']"))) }}
+{{- end }}
+{{- $env = append $env (dict "name" "QLORA_WORK_DIR" "value" "/tmp/qlora-job") }}
+{{- $env = append $env (dict "name" "QLORA_TERMINATION_LOG" "value" "/dev/termination-log") }}
+{{- if gt (int .Values.gpus) 0 }}
+{{- /* GPUs were asked for: a container that sees none (driver or runtime misconfigured) exits 2 instead of training on CPU. */}}
+{{- $env = append $env (dict "name" "QLORA_REQUIRE_GPU" "value" "true") }}
+{{- end }}
+{{- with .Values.aws.region }}
+{{- $env = append $env (dict "name" "AWS_REGION" "value" (toString .)) }}
+{{- end }}
+{{- with .Values.aws.endpointUrl }}
+{{- $env = append $env (dict "name" "AWS_ENDPOINT_URL_S3" "value" (toString .)) }}
+{{- end }}
+{{- with .Values.aws.existingSecret }}
+{{- $env = append $env (dict "name" "AWS_ACCESS_KEY_ID" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" "AWS_ACCESS_KEY_ID"))) }}
+{{- $env = append $env (dict "name" "AWS_SECRET_ACCESS_KEY" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" "AWS_SECRET_ACCESS_KEY"))) }}
+{{- end }}
+{{- with .Values.hfToken.existingSecret }}
+{{- $env = append $env (dict "name" "QLORA_HF_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $.Values.hfToken.key))) }}
+{{- end }}
+{{- range $name, $value := .Values.settings }}
+{{- $env = append $env (dict "name" $name "value" (include "qlora-job.envValue" $value)) }}
+{{- end }}
+{{- $env = concat $env .Values.env }}
+{{- $last := dict }}
+{{- range $env }}
+{{- $_ := set $last .name . }}
+{{- end }}
+{{- $out := list }}
+{{- $seen := dict }}
+{{- range $env }}
+{{- if not (hasKey $seen .name) }}
+{{- $_ := set $seen .name true }}
+{{- $out = append $out (get $last .name) }}
+{{- end }}
+{{- end }}
+{{- toYaml $out }}
 {{- end }}
