@@ -40,9 +40,13 @@ def test_overlays_build_valid_manifests_with_a_per_run_job_name(overlay, version
     job = next(d for d in docs if d["kind"] == "Job")
     sa = next(d for d in docs if d["kind"] == "ServiceAccount")
     assert job["metadata"]["name"] == "qlora-job-2026-11-28" and job["metadata"]["namespace"] == "ml"
-    assert job["spec"]["template"]["spec"]["serviceAccountName"] == sa["metadata"]["name"]
-    if overlay == "argocd":
-        assert job["metadata"]["annotations"]["argocd.argoproj.io/sync-options"] == "Replace=true"
+    # The ServiceAccount keeps the name its IRSA trust policy / workload identity binding is keyed on.
+    assert sa["metadata"]["name"] == "qlora-job" == job["spec"]["template"]["spec"]["serviceAccountName"]
+    assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
+    # Nothing replaces a Job in place (Replace=true cannot: argo-cd#9163), and no TTL deletes a finished
+    # run for the GitOps controller to create again (argo-cd#8586).
+    assert "argocd.argoproj.io/sync-options" not in job["metadata"].get("annotations", {})
+    assert "ttlSecondsAfterFinished" not in job["spec"]
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -74,22 +78,72 @@ def test_kind_e2e_values_point_at_the_in_cluster_minio():
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
-def test_kubeflow_trainjob_example_uses_accepted_settings_and_valid_pod_fields(version, clean_env):
-    """The TrainJob CRD is not in the core schemas: its trainer's env and resources are checked as
-    the container fields they become, and every QLORA_* name against the job's own settings."""
+def test_kubeflow_trainjob_runs_the_job_under_tini_with_shm_a_service_account_and_restricted_pss(version, clean_env):
+    """The Trainer CRDs are not in the core schemas: the pod the runtime makes (its node template with the
+    TrainJob's image, env and resources) is checked as a Pod, and every QLORA_* name against the job's settings."""
     import kubernetes_validate
 
     from job.settings import env_names
+    from tests.test_chart import assert_restricted
 
-    doc = yaml.safe_load((REPO / "k8s" / "kubeflow" / "trainjob.yaml").read_text())
-    assert (doc["apiVersion"], doc["kind"]) == ("trainer.kubeflow.org/v1alpha1", "TrainJob")
-    trainer = doc["spec"]["trainer"]
-    assert trainer["command"] == ["python", "-m", "job"] and trainer["numNodes"] >= 2
-    assert trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == trainer["numProcPerNode"]
-    pod = {"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "trainer"},
-           "spec": {"containers": [{"name": "node", "image": trainer["image"], "command": trainer["command"],
-                                    "env": trainer["env"], "resources": trainer["resourcesPerNode"]}]}}
-    kubernetes_validate.validate(pod, version, strict=True)
-    names = {e["name"] for e in trainer["env"]}
+    docs = {d["kind"]: d for d in yaml.safe_load_all((REPO / "k8s" / "kubeflow" / "trainjob.yaml").read_text()) if d}
+    account, runtime, job = docs["ServiceAccount"], docs["TrainingRuntime"], docs["TrainJob"]
+    assert (job["apiVersion"], runtime["apiVersion"]) == ("trainer.kubeflow.org/v1alpha1",) * 2
+    assert job["spec"]["runtimeRef"] == {"apiGroup": "trainer.kubeflow.org", "kind": "TrainingRuntime", "name": runtime["metadata"]["name"]}
+    trainer = job["spec"]["trainer"]
+    assert "command" not in trainer, "a TrainJob command replaces the runtime's tini entry point"
+    assert trainer["numNodes"] >= 2 and trainer["resourcesPerNode"]["limits"]["nvidia.com/gpu"] == trainer["numProcPerNode"]
+    node = next(r for r in runtime["spec"]["template"]["spec"]["replicatedJobs"] if r["name"] == "node")
+    spec = node["template"]["spec"]["template"]["spec"]
+    container = spec["containers"][0]
+    assert container["name"] == "node" and container["command"][:2] == ["/usr/bin/tini", "--"]
+    assert spec["serviceAccountName"] == account["metadata"]["name"] and account["metadata"]["namespace"] == job["metadata"]["namespace"]
+    assert_restricted(spec)
+    pod_spec = {**spec, "containers": [{**container, "image": trainer["image"], "env": container["env"] + trainer["env"],
+                                        "resources": trainer["resourcesPerNode"]}]}
+    kubernetes_validate.validate({"apiVersion": "v1", "kind": "Pod", "metadata": {"name": "node"}, "spec": pod_spec}, version, strict=True)
+    kubernetes_validate.validate(account, version, strict=True)
+    names = {e["name"] for e in pod_spec["containers"][0]["env"]}
     assert names <= set(env_names()), names - set(env_names())
-    assert {"QLORA_DATASET_URI", "QLORA_OUTPUT_URI", "QLORA_RUN_ID"} <= names
+    assert {"QLORA_DATASET_URI", "QLORA_OUTPUT_URI", "QLORA_RUN_ID", "QLORA_REQUIRE_GPU"} <= names
+
+
+def _wait():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("e2e_wait", REPO / "k8s" / "kind" / "e2e_wait.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_kind_e2e_stops_waiting_on_failed_as_on_complete():
+    """Job statuses as the API server writes them (batch/v1, Kubernetes 1.31+ adds the *Target conditions first)."""
+    outcome = _wait().job_outcome
+    running = {"status": {"active": 1, "startTime": "2026-12-02T10:00:00Z"}}
+    failing = {"status": {"conditions": [{"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy"}]}}
+    failed = {"status": {"conditions": [
+        {"type": "FailureTarget", "status": "True", "reason": "PodFailurePolicy"},
+        {"type": "Failed", "status": "True", "reason": "PodFailurePolicy",
+         "message": "Container qlora-job for pod ml/run-1-abc failed with exit code 3 matching FailJob rule at index 0"}]}}
+    complete = {"status": {"conditions": [{"type": "SuccessCriteriaMet", "status": "True"}, {"type": "Complete", "status": "True"}]}}
+    assert outcome(running) is None and outcome(failing) is None
+    assert outcome(failed) == ("Failed", "PodFailurePolicy: Container qlora-job for pod ml/run-1-abc failed with exit code 3 "
+                                         "matching FailJob rule at index 0")
+    assert outcome(complete)[0] == "Complete"
+
+
+def test_kind_e2e_waits_for_the_port_forward_to_accept_and_uses_the_fetched_tools():
+    import socket
+
+    wait_port = _wait().wait_port
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        assert wait_port("127.0.0.1", server.getsockname()[1], 5) == 0
+        port = server.getsockname()[1]
+    assert wait_port("127.0.0.1", port, 0.5) == 1  # closed: gives up after its timeout
+    script = (REPO / "k8s" / "kind" / "e2e.sh").read_text()
+    assert "KUBECTL=${KUBECTL:-.tools/bin/kubectl}" in script and "HELM=${HELM:-.tools/bin/helm}" in script
+    assert "e2e_wait.py port" in script and "e2e_wait.py job" in script and "sleep" not in script
+    assert 'KEEP_CLUSTER:-0}" = 1' in script and "condition=complete" not in script
