@@ -161,7 +161,10 @@ class VerifySettings(Section):
     )
     train_probes: int = Field(3, ge=0, description="How many training prompts to probe as well.")
     expect_memorised: bool = Field(False, description="Require the training probes to reproduce their training answers exactly.")
-    max_new_tokens: int = Field(256, ge=1, description="Generation budget per probe; an answer must end before it.")
+    max_new_tokens: int = Field(
+        256, ge=1, description="Generation budget per probe, raised to 1.5x its training (or expected) answer + 16 tokens "
+        "where that is longer; an answer must end before it.",
+    )
     require_change: bool = Field(True, description="Require at least one answer to differ from the base model's.")
 
 

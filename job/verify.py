@@ -2,6 +2,8 @@
 consumer would load it, must answer probe prompts sensibly before anything is published."""
 
 import json
+import math
+import unicodedata
 from pathlib import Path
 
 from job.errors import ConfigError, VerifyError
@@ -18,9 +20,27 @@ def build_probes(settings: Settings, train_path: Path) -> list[dict]:
     with open(train_path, encoding="utf-8") as f:
         for _, line in zip(range(settings.verify.train_probes), f, strict=False):
             row = json.loads(line)
-            expected = row["completion"][0]["content"] if settings.verify.expect_memorised else None
-            probes.append({"messages": row["prompt"], "expected": expected, "source": f"train line {row['line']}"})
+            answer = row["completion"][0]["content"]
+            probes.append({"messages": row["prompt"], "expected": answer if settings.verify.expect_memorised else None,
+                           "reference": answer, "source": f"train line {row['line']}"})
     return probes
+
+
+def token_budget(max_new_tokens: int, tokenizer, reference: str | None) -> int:
+    """Generation budget of one probe: QLORA_VERIFY__MAX_NEW_TOKENS, or room for an answer as long as the
+    training answer (1.5x + 16 tokens) when that is longer: a model that learnt a long answer is not cut off."""
+    if not reference:
+        return max_new_tokens
+    return max(max_new_tokens, math.ceil(1.5 * len(tokenizer(reference, add_special_tokens=False)["input_ids"])) + 16)
+
+
+def same_text(answer: str, expected: str) -> bool:
+    """Exact match up to Unicode normalisation (NFC: tokenizers such as Qwen's normalise, data files from
+    macOS often hold NFD Korean) and runs of whitespace."""
+    def norm(text: str) -> str:
+        return " ".join(unicodedata.normalize("NFC", text).split())
+
+    return norm(answer) == norm(expected)
 
 
 def verify_run(settings: Settings, engine_name: str, source: str, adapter_dir: Path, train_path: Path, out: Path):
@@ -65,17 +85,17 @@ def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, sett
     raise VerifyError if a gate fails."""
     if not probes:
         raise ConfigError("nothing to verify: set QLORA_VERIFY__PROMPTS or QLORA_VERIFY__TRAIN_PROBES above 0")
-    max_new = settings.verify.max_new_tokens
     results = []
     for probe in probes:
-        tuned = generate(model, tokenizer, probe["messages"], max_new)
+        budget = token_budget(settings.verify.max_new_tokens, tokenizer, probe.get("reference") or probe["expected"])
+        tuned = generate(model, tokenizer, probe["messages"], budget)
         with model.disable_adapter():
-            base = generate(model, tokenizer, probe["messages"], max_new)
+            base = generate(model, tokenizer, probe["messages"], budget)
         result = {
             "prompt": probe["messages"][-1]["content"], "source": probe["source"], "answer": tuned["text"],
-            "answer_tokens": tuned["tokens"], "ended_turn": tuned["ended"], "base_answer": base["text"],
+            "answer_tokens": tuned["tokens"], "max_new_tokens": budget, "ended_turn": tuned["ended"], "base_answer": base["text"],
             "expected": probe["expected"],
-            "matches_expected": None if probe["expected"] is None else tuned["text"] == probe["expected"].strip(),
+            "matches_expected": None if probe["expected"] is None else same_text(tuned["text"], probe["expected"]),
         }
         results.append(result)
         log.info("probe", prompt=result["prompt"][:80], answer=result["answer"][:120], ended=tuned["ended"])
@@ -88,23 +108,22 @@ def verify_merged(model, tokenizer, probes: list[dict], adapter_report: dict, re
     come from the adapter's report (a merged model has no adapter to switch off)."""
     results = []
     for probe, earlier in zip(probes, adapter_report["probes"], strict=True):
-        merged = generate(model, tokenizer, probe["messages"], settings.verify.max_new_tokens)
+        merged = generate(model, tokenizer, probe["messages"], earlier["max_new_tokens"])
         results.append({**earlier, "answer": merged["text"], "answer_tokens": merged["tokens"], "ended_turn": merged["ended"],
                         "adapter_answer": earlier["answer"],
-                        "matches_expected": None if probe["expected"] is None else merged["text"] == probe["expected"].strip()})
+                        "matches_expected": None if probe["expected"] is None else same_text(merged["text"], probe["expected"])})
         log.info("merged probe", prompt=results[-1]["prompt"][:80], answer=merged["text"][:120], ended=merged["ended"])
     return _gate(results, report_path, settings, "merged model verification")
 
 
 def _gate(results: list[dict], report_path: Path, settings: Settings, what: str) -> dict:
     """Gates shared by the adapter and the merged model; writes the report and raises on failure."""
-    max_new = settings.verify.max_new_tokens
     failures = []
     for i, r in enumerate(results):
         if not r["answer"]:
             failures.append(f"probe {i}: empty answer")
         elif not r["ended_turn"]:
-            failures.append(f"probe {i}: no end-of-turn within {max_new} tokens")
+            failures.append(f"probe {i}: no end-of-turn within {r['max_new_tokens']} tokens")
         if r["matches_expected"] is False:
             failures.append(f"probe {i}: answer differs from the expected one")
     if settings.verify.require_change and results and all(r["answer"] == r["base_answer"] for r in results):
