@@ -63,7 +63,7 @@ class TrainSettings(Section):
     max_steps: int = Field(60, ge=1, description="Optimizer steps.")
     per_device_batch_size: int | None = Field(None, ge=1, description="Rows per micro-batch; unset: seed 2, fast micro_batch_tokens / mean row tokens.")
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="Micro-batches per optimizer step; unset: seed 4 (2 x 4 = 8 rows a step), fast 1.")
-    micro_batch_tokens: int = Field(16384, ge=64, description="Fast recipe: token budget of one micro-batch (28 rows of ~580 tokens).")
+    micro_batch_tokens: int = Field(16384, ge=64, description="Fast recipe: token budget of one micro-batch, at most 16 rows a step (job/plan.py).")
     pad_to_multiple_of: int | None = Field(
         None, ge=1,
         description="Pad each micro-batch's length to a multiple of this; unset: fast recipe on CUDA 64 (few distinct shapes, "

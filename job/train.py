@@ -148,6 +148,9 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: BatchPlan
         dataloader_num_workers=2 if cuda else 0,  # collation off the training thread
         dataloader_pin_memory=cuda,
         completion_only_loss=True,
+        # TRL's default chunked loss reads the output projection's weight directly, which skips the rows that
+        # QLORA_LORA__TRAINABLE_TOKENS trains (and fails on peft's wrapper of a tied head): the plain loss then.
+        **({"loss_type": "nll"} if settings.lora.trainable_tokens else {}),
         include_num_input_tokens_seen="non_padding",
         save_strategy="no",  # saves are driven by the checkpoint callback (schedule, SIGTERM)
         save_total_limit=settings.checkpoint.keep,

@@ -109,3 +109,35 @@ def test_unsloth_merge_loads_with_the_hub_arguments(qwen3_shaped_model, tmp_path
     engine.merge_adapter(settings, "unsloth", str(qwen3_shaped_model), tmp_path / "adapter", tmp_path / "merged")
     assert calls and calls[0]["token"] == "hf_gated_model_token" and calls[0]["trust_remote_code"] is False
     assert (tmp_path / "merged" / "config.json").exists()
+
+
+def test_unsloth_stops_on_the_templates_end_of_turn_when_eos_is_endoftext(tmp_path):
+    """A Qwen3-0.6B-shaped model with its tokenizer configured like Qwen2.5-0.5B base's (EOS and pad
+    <|endoftext|>, ChatML turns ending with <|im_end|>), through Unsloth, verify and the merged export."""
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from job.tiny import QWEN3_0_6B, make_tiny_model
+
+    model = make_tiny_model(tmp_path / "model", shape=QWEN3_0_6B, template="qwen2_5", eos_token="<|endoftext|>")
+    data = tmp_path / "facts.jsonl"
+    data.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS))
+    env = {
+        "HF_HUB_OFFLINE": "1", "QLORA_ENGINE": "unsloth", "QLORA_DATASET_URI": str(data), "QLORA_OUTPUT_URI": str(tmp_path / "out"),
+        "QLORA_MODEL__NAME": str(model), "QLORA_WORK_DIR": str(tmp_path / "work"), "QLORA_RUN_ID": "gpu-stop",
+        "QLORA_TRAIN__MAX_STEPS": "80", "QLORA_TRAIN__LEARNING_RATE": "2e-3", "QLORA_VERIFY__TRAIN_PROBES": "4",
+        "QLORA_VERIFY__MAX_NEW_TOKENS": "32", "QLORA_VERIFY__EXPECT_MEMORISED": "true", "QLORA_EXPORT__MERGED": "true",
+        "QLORA_METRICS__LOSS_CURVE_PNG": "false",
+    }
+    result = run_job(env=env, timeout=900)
+    assert result.returncode == ExitCode.OK, result.stderr + result.stdout[-4000:]
+    run = tmp_path / "out" / "gpu-stop"
+    tokenizer = AutoTokenizer.from_pretrained(model)
+    stops = tokenizer.convert_tokens_to_ids(["<|im_end|>", "<|endoftext|>"])
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["label_check"]["end_of_turn_trained"] > 0
+    for report in ("verify.json", "verify-merged.json"):
+        probes = json.loads((run / report).read_text())["probes"]
+        assert all(p["ended_turn"] and p["matches_expected"] for p in probes), (report, probes)
+    assert GenerationConfig.from_pretrained(run / "adapter").eos_token_id == stops
+    assert GenerationConfig.from_pretrained(run / "merged").eos_token_id == stops
+    print(f"stop: end-of-turn trained {metrics['label_check']['end_of_turn_trained']}x in the first batch, 4/4 ended on <|im_end|>")

@@ -21,17 +21,22 @@ def test_seed_recipe_is_the_tutorials_two_by_four_at_2e_4(clean_env):
 
 def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean_env, monkeypatch):
     s = settings()
-    # 16,384-token budget / 580 tokens a row = 28 rows, one micro-batch a step, length-grouped;
-    # 28 rows instead of the seed's 8: learning rate x 3.5, warm-up over 40 rows = 2 steps.
-    plan = batch_plan(s, mean_row_tokens=580).as_dict()
-    assert plan.pop("learning_rate") == pytest.approx(2e-4 * 3.5)
-    assert plan == {"per_device_batch_size": 28, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length",
-                    "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 28, "warmup_steps": 2}
+    # 16,384-token budget / 1,100 tokens a row = 14 rows, one micro-batch a step, length-grouped;
+    # 14 rows instead of the seed's 8: learning rate x 1.75, warm-up over 40 rows = 3 steps.
+    plan = batch_plan(s, mean_row_tokens=1100).as_dict()
+    assert plan.pop("learning_rate") == pytest.approx(2e-4 * 1.75)
+    assert plan == {"per_device_batch_size": 14, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length",
+                    "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 14, "warmup_steps": 3}
     # On a GPU, lengths are padded to a multiple of 64 so shapes repeat (kernels are not rebuilt mid-run).
     assert batch_plan(s, mean_row_tokens=580, cuda=True).pad_to_multiple_of == 64
-    # Two GPUs double the rows a step; the learning-rate scale is capped at 4x.
-    assert batch_plan(s, mean_row_tokens=580, world_size=2).rows_per_step == 56
-    assert batch_plan(s, mean_row_tokens=20).learning_rate == pytest.approx(8e-4)
+    # Shorter rows would fill the budget with more rows (28 of 580 tokens, 819 of 20): a step takes at most
+    # 16 (held-out loss on real weights, bench/RESULTS.md), at twice the seed's rate; two GPUs share them.
+    for row_tokens in (580, 20):
+        plan = batch_plan(s, mean_row_tokens=row_tokens)
+        assert (plan.per_device_batch_size, plan.rows_per_step, plan.learning_rate, plan.warmup_steps) == (16, 16, pytest.approx(4e-4), 3)
+    two = batch_plan(s, mean_row_tokens=580, world_size=2)
+    assert (two.per_device_batch_size, two.rows_per_step, two.learning_rate) == (8, 16, pytest.approx(4e-4))
+    assert batch_plan(settings(per_device_batch_size=64), mean_row_tokens=20).rows_per_step == 64, "explicit settings win"
     explicit = batch_plan(settings(learning_rate=1e-3, warmup_steps=0, pad_to_multiple_of=8), mean_row_tokens=580, cuda=True)
     assert (explicit.learning_rate, explicit.warmup_steps, explicit.pad_to_multiple_of) == (1e-3, 0, 8)
     plan = batch_plan(settings(packing=True, micro_batch_tokens=65536, gradient_accumulation_steps=2))
@@ -56,5 +61,5 @@ def test_packed_rows_a_step_count_rows_not_sequences(clean_env):
 
 
 def test_before_the_data_is_measured_rows_are_taken_as_512_tokens(clean_env):
-    assert batch_plan(settings()).per_device_batch_size == 16384 // 512
-    assert batch_plan(settings(), mean_row_tokens=0.5).per_device_batch_size == 16384  # never divided by less than 1
+    assert batch_plan(settings(micro_batch_tokens=4096)).per_device_batch_size == 4096 // 512
+    assert batch_plan(settings(micro_batch_tokens=64), mean_row_tokens=0.5).per_device_batch_size == 16  # 64 / max(0.5, 1), capped
