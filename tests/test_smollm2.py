@@ -17,7 +17,7 @@ REAL_MODEL = Path(os.environ.get("REAL_MODEL", Path(__file__).parents[1] / ".mod
 @pytest.fixture(scope="module")
 def real_model() -> Path:
     if not (REAL_MODEL / ".complete").exists():
-        pytest.fail(f"{REAL_MODEL} is missing: run `make real-model` (make test-real does)")
+        pytest.fail(f"{REAL_MODEL} is missing: run `make real-model` (make test does)")
     return REAL_MODEL
 
 
