@@ -17,8 +17,7 @@ def end_of_turn_id(tokenizer) -> int:
     text = tokenizer.apply_chat_template(messages, tokenize=False)
     if _SENTINEL not in text:
         raise ConfigError("the chat template does not render an assistant message's content")
-    special = set(tokenizer.all_special_ids) | {i for t, i in tokenizer.get_added_vocab().items()
-                                                if getattr(tokenizer.added_tokens_decoder.get(i), "special", False)}
+    special = set(tokenizer.all_special_ids) | {i for i, token in tokenizer.added_tokens_decoder.items() if token.special}
     for token_id in tokenizer(text.split(_SENTINEL, 1)[1], add_special_tokens=False)["input_ids"]:
         if token_id in special:
             return token_id
