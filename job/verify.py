@@ -57,14 +57,11 @@ def verify_run(settings: Settings, engine_name: str, source: str, adapter_dir: P
     return probes, report
 
 
-def generate(model, tokenizer, messages: list[dict], max_new_tokens: int) -> dict:
+def generate(model, tokenizer, messages: list[dict], max_new_tokens: int, stop: list[int]) -> dict:
     """Greedy answer to one conversation, built as consumers build it (Qwen3: thinking off); it ends at
-    the chat template's end-of-turn token or EOS (job/chat.py)."""
+    a stop token: the chat template's end-of-turn token or EOS (job/chat.py's stop_token_ids)."""
     import torch
 
-    from job.chat import stop_token_ids
-
-    stop = stop_token_ids(tokenizer)
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, enable_thinking=False, return_tensors="pt", return_dict=True
     ).to(model.device)
@@ -85,12 +82,14 @@ def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, sett
     raise VerifyError if a gate fails."""
     if not probes:
         raise ConfigError("nothing to verify: set QLORA_VERIFY__PROMPTS or QLORA_VERIFY__TRAIN_PROBES above 0")
-    results = []
+    from job.chat import stop_token_ids
+
+    results, stop = [], stop_token_ids(tokenizer)
     for probe in probes:
         budget = token_budget(settings.verify.max_new_tokens, tokenizer, probe.get("reference") or probe["expected"])
-        tuned = generate(model, tokenizer, probe["messages"], budget)
+        tuned = generate(model, tokenizer, probe["messages"], budget, stop)
         with model.disable_adapter():
-            base = generate(model, tokenizer, probe["messages"], budget)
+            base = generate(model, tokenizer, probe["messages"], budget, stop)
         result = {
             "prompt": probe["messages"][-1]["content"], "source": probe["source"], "answer": tuned["text"],
             "answer_tokens": tuned["tokens"], "max_new_tokens": budget, "ended_turn": tuned["ended"], "base_answer": base["text"],
@@ -106,9 +105,11 @@ def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, sett
 def verify_merged(model, tokenizer, probes: list[dict], adapter_report: dict, report_path: Path, settings: Settings) -> dict:
     """The same gate for the merged model, loaded with plain transformers; the base model's answers
     come from the adapter's report (a merged model has no adapter to switch off)."""
-    results = []
+    from job.chat import stop_token_ids
+
+    results, stop = [], stop_token_ids(tokenizer)
     for probe, earlier in zip(probes, adapter_report["probes"], strict=True):
-        merged = generate(model, tokenizer, probe["messages"], earlier["max_new_tokens"])
+        merged = generate(model, tokenizer, probe["messages"], earlier["max_new_tokens"], stop)
         results.append({**earlier, "answer": merged["text"], "answer_tokens": merged["tokens"], "ended_turn": merged["ended"],
                         "adapter_answer": earlier["answer"],
                         "matches_expected": None if probe["expected"] is None else same_text(merged["text"], probe["expected"])})
