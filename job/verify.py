@@ -57,11 +57,14 @@ def verify_run(settings: Settings, engine_name: str, source: str, adapter_dir: P
     return probes, report
 
 
-def generate(model, tokenizer, messages: list[dict], max_new_tokens: int, stop: list[int]) -> dict:
+def generate(model, tokenizer, messages: list[dict], max_new_tokens: int, stop: list[int] | None = None) -> dict:
     """Greedy answer to one conversation, built as consumers build it (Qwen3: thinking off); it ends at
-    a stop token: the chat template's end-of-turn token or EOS (job/chat.py's stop_token_ids)."""
+    a stop token: the chat template's end-of-turn token or EOS (job/chat.py; the gates pass them in once)."""
     import torch
 
+    from job.chat import stop_token_ids
+
+    stop = stop if stop is not None else stop_token_ids(tokenizer)
     inputs = tokenizer.apply_chat_template(
         messages, add_generation_prompt=True, enable_thinking=False, return_tensors="pt", return_dict=True
     ).to(model.device)
