@@ -1,49 +1,52 @@
 # syntax=docker/dockerfile:1
 # qlora-job image. Targets:
-#   cuda (default, production):  docker build --target cuda -t qlora-job:cuda .     (make image)
-#   cpu  (kind e2e, laptops):    docker build --target cpu  -t qlora-job:cpu-dev . (make image-cpu)
-# Pin base images by digest through the build arguments, e.g.
-#   --build-arg CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:<digest>
-# so that a mirror can be swapped in. Air-gapped: put wheels in wheelhouse/ (see its README).
+#   cuda (default, production):  make image       (docker build --target cuda -t qlora-job:cuda .)
+#   cpu  (kind e2e, laptops):    make image-cpu   (docker build --target cpu  -t qlora-job:cpu-dev .)
+# Both build on one base: Debian bookworm with Python 3.11, its headers and a C compiler (Triton
+# compiles a launcher at run time), tini. `make base-image` makes it with debootstrap, no registry
+# needed; debian:bookworm-slim (pin it by digest) works too, the base stage adds what it lacks.
+# The CUDA runtime comes inside the torch wheel's own nvidia-* libraries; the driver is injected
+# by the NVIDIA container runtime. Each target installs exactly one lock file, hashes checked:
+# requirements/cuda.txt (torch 2.11.0, CUDA 13) or requirements/cpu.txt (torch 2.13.0+cpu).
+# Offline (air-gapped, or this build machine): `make wheelhouse` first (see wheelhouse/README.md).
+ARG BASE_IMAGE=debian:bookworm-slim
 
-# Digest as published for this tag (multi-arch index); could not be pulled from this build machine.
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-cudnn-runtime-ubuntu24.04@sha256:ac55d124da4882b497f732d8dfd9a702d5447a5f29d08d56da6f64f0a1eb34bc
-ARG CPU_IMAGE=python:3.12-slim-bookworm
-ARG TORCH_VERSION=2.13.0
-ARG CPU_TORCH_INDEX=https://download.pytorch.org/whl/cpu
-
-# cpu stages come first: the classic builder builds every stage before --target, and the
+# cpu stages come before cuda: the classic builder builds every stage up to --target, and the
 # last stage (cuda, production) is the default target.
 
-#### STAGE: cpu-base ####
-FROM ${CPU_IMAGE} AS cpu-base
-RUN if ! command -v tini >/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends tini ca-certificates && rm -rf /var/lib/apt/lists/*; fi
+#### STAGE: base (both targets) ####
+FROM ${BASE_IMAGE} AS base
+# uid 1000 is made only where it is free: Ubuntu-based images already have uid 1000 (`ubuntu`), and
+# the job needs the uid, not the name. Group 0: arbitrary uids (OpenShift) run in group 0.
+RUN set -e; missing=""; \
+    for p in python3 python3-venv python3-dev gcc libc6-dev tini ca-certificates; do \
+      dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing="$missing $p"; done; \
+    if [ -n "$missing" ]; then apt-get update && apt-get install -y --no-install-recommends $missing \
+      && rm -rf /var/lib/apt/lists/*; fi; \
+    getent passwd 1000 >/dev/null || useradd --uid 1000 --gid 0 --no-create-home --home-dir /tmp/home \
+      --shell /usr/sbin/nologin qlora
+# Every cache under /tmp: with readOnlyRootFilesystem only the /tmp emptyDir is writable.
+ENV PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 HOME=/tmp/home HF_HOME=/tmp/hf XDG_CACHE_HOME=/tmp/cache \
+    TRITON_CACHE_DIR=/tmp/triton TORCHINDUCTOR_CACHE_DIR=/tmp/inductor HF_HUB_DISABLE_TELEMETRY=1 \
+    CC=gcc
+
+#### STAGE: sources (the wheels and the lock files; only the builders start from it) ####
+FROM base AS sources
+COPY container/install-venv.sh /usr/local/bin/install-venv
+COPY wheelhouse/ /wheelhouse/
+COPY requirements/ /src/requirements/
 
 #### STAGE: cpu-builder ####
-FROM cpu-base AS cpu-builder
-ARG TORCH_VERSION
-ARG CPU_TORCH_INDEX
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
-COPY wheelhouse/ /wheelhouse/
+FROM sources AS cpu-builder
+RUN install-venv deps /src/requirements/cpu.txt
 COPY pyproject.toml README.md /src/
-RUN python3 -m venv /opt/venv \
- && if ls /wheelhouse/*.whl >/dev/null 2>&1; then SRC="--no-index --find-links /wheelhouse"; else SRC="--extra-index-url ${CPU_TORCH_INDEX}"; fi \
- && pip install $SRC "torch==${TORCH_VERSION}" \
- && pip install $SRC $(python3 -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"]))')
 COPY job/ /src/job/
-RUN if ls /wheelhouse/*.whl >/dev/null 2>&1; then SRC="--no-index --find-links /wheelhouse"; else SRC=""; fi \
- && pip install $SRC --no-deps /src \
- && chmod -R g=u /opt/venv
+RUN install-venv project
 
 #### STAGE: cpu (final) ####
-# Every cache under /tmp: with readOnlyRootFilesystem only the /tmp emptyDir is writable.
-FROM cpu-base AS cpu
+FROM base AS cpu
 COPY --from=cpu-builder /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp/home HF_HOME=/tmp/hf XDG_CACHE_HOME=/tmp/cache TRITON_CACHE_DIR=/tmp/triton \
-    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor HF_HUB_DISABLE_TELEMETRY=1
-RUN useradd --uid 1000 --gid 0 --no-create-home --home-dir /tmp/home --shell /usr/sbin/nologin qlora
+ENV PATH=/opt/venv/bin:$PATH
 USER 1000:0
 WORKDIR /tmp
 LABEL org.opencontainers.image.title="qlora-job" \
@@ -52,38 +55,18 @@ LABEL org.opencontainers.image.title="qlora-job" \
       org.opencontainers.image.version="0.1.0"
 ENTRYPOINT ["/usr/bin/tini", "--", "python", "-m", "job"]
 
-#### STAGE: cuda-base (Python and tini on the CUDA runtime) ####
-FROM ${CUDA_IMAGE} AS cuda-base
-# Skipped where the base already carries them (air-gapped mirrors of a prepared base).
-RUN if ! command -v tini >/dev/null || ! python3 -c "import venv, ensurepip" 2>/dev/null; then \
-      apt-get update && apt-get install -y --no-install-recommends python3 python3-venv tini ca-certificates \
-      && rm -rf /var/lib/apt/lists/*; fi
-
-#### STAGE: cuda-builder (dependencies in their own layer, then the project) ####
-FROM cuda-base AS cuda-builder
-ARG TORCH_VERSION
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1 PATH=/opt/venv/bin:$PATH
-COPY wheelhouse/ /wheelhouse/
+#### STAGE: cuda-builder ####
+FROM sources AS cuda-builder
+RUN install-venv deps /src/requirements/cuda.txt
 COPY pyproject.toml README.md /src/
-RUN python3 -m venv /opt/venv \
- && if ls /wheelhouse/*.whl >/dev/null 2>&1; then SRC="--no-index --find-links /wheelhouse"; else SRC=""; fi \
- && pip install $SRC "torch==${TORCH_VERSION}" \
- && pip install $SRC $(python3 -c 'import tomllib; p = tomllib.load(open("/src/pyproject.toml", "rb"))["project"]; print(" ".join(p["dependencies"] + p["optional-dependencies"]["gpu"]))')
 COPY job/ /src/job/
-RUN if ls /wheelhouse/*.whl >/dev/null 2>&1; then SRC="--no-index --find-links /wheelhouse"; else SRC=""; fi \
- && pip install $SRC --no-deps /src \
- && chmod -R g=u /opt/venv
+RUN install-venv project
 
 #### STAGE: cuda (final, default) ####
-# Every cache under /tmp: with readOnlyRootFilesystem only the /tmp emptyDir is writable.
-FROM cuda-base AS cuda
+FROM base AS cuda
 COPY --from=cuda-builder /opt/venv /opt/venv
-ENV PATH=/opt/venv/bin:$PATH PYTHONUNBUFFERED=1 PYTHONDONTWRITEBYTECODE=1 \
-    HOME=/tmp/home HF_HOME=/tmp/hf XDG_CACHE_HOME=/tmp/cache TRITON_CACHE_DIR=/tmp/triton \
-    TORCHINDUCTOR_CACHE_DIR=/tmp/inductor HF_HUB_DISABLE_TELEMETRY=1 UNSLOTH_DISABLE_STATISTICS=1
-# uid 1000, group 0: OpenShift-style arbitrary uids in group 0 read the venv (group = owner
-# rights, set in the builder so that no second copy of the venv lands in a layer).
-RUN useradd --uid 1000 --gid 0 --no-create-home --home-dir /tmp/home --shell /usr/sbin/nologin qlora
+ENV PATH=/opt/venv/bin:$PATH UNSLOTH_DISABLE_STATISTICS=1 \
+    NVIDIA_VISIBLE_DEVICES=all NVIDIA_DRIVER_CAPABILITIES=compute,utility
 USER 1000:0
 WORKDIR /tmp
 LABEL org.opencontainers.image.title="qlora-job" \

@@ -109,20 +109,50 @@ k8s-manifests: tools ## Render k8s/base/qlora-job.yaml from the chart (k8s/value
 
 ##@ Containers and clusters
 
+# The images install exactly requirements/{cpu,cuda}.txt (hashes included): torch 2.11.0 (its CUDA 13
+# build, the one the GPU tests ran) for cuda, torch 2.13.0+cpu for cpu (requirements/torch-*.in).
+# `make lock` regenerates both from pyproject.toml with uv; `make wheelhouse` downloads every pinned
+# wheel for an offline build.
+UV_VERSION      ?= 0.13.9
+CPU_TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
+# Where the +cpu torch wheel comes from when locking: the PyTorch index, or a folder (--find-links DIR).
+CPU_TORCH_SOURCE ?= --extra-index-url $(CPU_TORCH_INDEX) --index-strategy unsafe-best-match
+LOCK_FLAGS      := --python-version 3.11 --python-platform x86_64-manylinux_2_28 --generate-hashes --no-header
+WHEEL_PLATFORMS := $(foreach v,5 17 24 25 26 27 28 29 30 31 32 33 34 35 36,--platform manylinux_2_$(v)_x86_64) \
+                   --platform manylinux2014_x86_64 --platform manylinux1_x86_64 --platform linux_x86_64 --platform any
+# The base both targets build on; `make base-image` makes it with debootstrap (no registry needed).
+BASE_IMAGE      ?= qlora-job-base:bookworm
+DOCKER_BUILD    := DOCKER_BUILDKIT=0 docker build --build-arg BASE_IMAGE=$(BASE_IMAGE)
+
+.PHONY: lock
+lock: install ## Regenerate requirements/cpu.txt and requirements/cuda.txt from pyproject.toml (uv pip compile)
+	$(BIN)/python -m pip install -q uv==$(UV_VERSION)
+	$(BIN)/uv pip compile pyproject.toml --extra gpu -c requirements/torch-cuda.in $(LOCK_FLAGS) -o requirements/cuda.txt
+	$(BIN)/uv pip compile pyproject.toml -c requirements/torch-cpu.in $(CPU_TORCH_SOURCE) $(LOCK_FLAGS) -o requirements/cpu.txt
+
+.PHONY: wheelhouse
+wheelhouse: ## Download every wheel the two lock files pin into wheelhouse/ (about 3 GB, most of it CUDA)
+	for lock in requirements/cpu.txt requirements/cuda.txt; do \
+	  $(PYTHON) -m pip download -q --no-deps --only-binary :all: --python-version 3.11 --implementation cp \
+	    $(WHEEL_PLATFORMS) --extra-index-url $(CPU_TORCH_INDEX) -d wheelhouse -r $$lock || exit 1; done
+
+.PHONY: base-image
+base-image: ## Make the base image $(BASE_IMAGE) with debootstrap (Debian bookworm, Python 3.11, cc; needs root)
+	container/make-base.sh $(BASE_IMAGE)
+
 .PHONY: image
 image: ## Build the production CUDA image ($(IMAGE):cuda)
-	docker build --target cuda -t $(IMAGE):cuda .
+	$(DOCKER_BUILD) --target cuda -t $(IMAGE):cuda .
 
 .PHONY: image-cpu
 image-cpu: ## Build the CPU image ($(IMAGE):cpu-dev) used by kind e2e
-	docker build --target cpu -t $(IMAGE):cpu-dev .
+	$(DOCKER_BUILD) --target cpu -t $(IMAGE):cpu-dev .
 
-# Base image override for machines without a registry (e.g. a debootstrap image you imported).
-CPU_IMAGE ?=
 .PHONY: container-test
-container-test: install ## Build the cpu image and run it against a loopback S3 server (needs a Docker engine)
-	docker build --target cpu -t $(IMAGE):cpu-dev $(if $(CPU_IMAGE),--build-arg CPU_IMAGE=$(CPU_IMAGE)) .
-	CONTAINER_IMAGE=$(IMAGE):cpu-dev $(BIN)/python -m pytest -m container -s $(PYTEST_ARGS)
+container-test: install ## Build both images from the wheelhouse and check them (needs a Docker engine; see README)
+	$(MAKE) image-cpu image
+	CONTAINER_IMAGE=$(IMAGE):cpu-dev CUDA_IMAGE=$(IMAGE):cuda BASE_IMAGE=$(BASE_IMAGE) \
+	  $(BIN)/python -m pytest -m container -s $(PYTEST_ARGS)
 
 .PHONY: kind-e2e
 kind-e2e: install tools ## kind cluster + cpu image + MinIO + helm install, assert the manifest (needs docker and kind)

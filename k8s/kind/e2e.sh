@@ -16,7 +16,7 @@ cleanup() {
 }
 trap cleanup EXIT
 
-docker build --target cpu -t "$IMAGE" .
+docker build --target cpu ${BASE_IMAGE:+--build-arg BASE_IMAGE=$BASE_IMAGE} -t "$IMAGE" .
 kind load docker-image "$IMAGE" --name "$CLUSTER"
 
 kubectl apply -f k8s/kind/minio.yaml
