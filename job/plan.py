@@ -27,6 +27,11 @@ ROW_TOKENS_BEFORE_MEASURING = 512  # mean row length assumed when the data has n
 # Every new micro-batch length costs an attention plan the first time a GPU sees it; lengths padded to a
 # multiple of this repeat early, for a little more padding.
 CUDA_PAD_MULTIPLE = 64
+SEED_MAX_STEPS = 60  # the tutorial's run length
+# The fast recipe's length when neither epochs nor steps are set: 3 passes took SmolLM2-135M's held-out loss
+# on invented facts from 1.95 to 0.65 (bench/RESULTS.md runs 25-27), and a length in epochs grows with the data
+# (a fixed 60 steps trained 3% of a 50k-row set, or a 100-row set 17 times over).
+DEFAULT_EPOCHS = 3.0
 
 
 @dataclass(frozen=True)
@@ -43,6 +48,67 @@ class BatchPlan:
 
     def as_dict(self) -> dict:
         return asdict(self)
+
+
+# Estimates on one H200 (bench/RESULTS.md; Qwen3-0.6B-sized model, 4-bit base, Unsloth): a step costs at
+# least its fixed host time, else its tokens at the recipe's steady rate. fast: 65,906-75,823 tok/s on
+# ~541-token rows (runs 5-10), 0.65 s a step on short rows (run 27); seed: the anchor's ~3,000 tok/s,
+# 1.33 s a step (run 27). Peak memory: fast 36-38 GiB at a 16k-token micro-batch with no gradient
+# checkpointing (activations grow with the micro-batch's tokens); seed 1.05 GiB.
+H200_TOKENS_PER_SECOND = {"fast": 70_000, "seed": 3_000}
+H200_SECONDS_PER_STEP = {"fast": 0.65, "seed": 1.33}
+H200_BASE_GIB, H200_GIB_PER_1K_MICRO_BATCH_TOKENS = 1.05, 2.2
+
+
+def estimated_train_seconds(recipe: str, steps: int, tokens: float) -> float:
+    """Training time on one H200 for a model of Qwen3-0.6B's size: an estimate, not a measurement."""
+    return round(max(steps * H200_SECONDS_PER_STEP[recipe], tokens / H200_TOKENS_PER_SECOND[recipe]), 1)
+
+
+def estimated_peak_gib(recipe: str, micro_batch_tokens: float) -> float:
+    """Peak GPU memory on one H200 for a model of Qwen3-0.6B's size (seed: gradient checkpointing)."""
+    if recipe == "seed":
+        return H200_BASE_GIB
+    return round(H200_BASE_GIB + H200_GIB_PER_1K_MICRO_BATCH_TOKENS * micro_batch_tokens / 1000, 1)
+
+
+@dataclass(frozen=True)
+class Duration:
+    """How long a run trains: asked for in epochs or steps, resolved into optimizer steps."""
+
+    epochs: float | None  # asked for (None: the run is sized in steps)
+    max_steps: int | None  # asked for: the length, or with epochs a cap
+    steps_per_epoch: int
+    steps: int
+
+    @property
+    def planned_epochs(self) -> float:
+        return round(self.steps / self.steps_per_epoch, 4)
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "planned_epochs": self.planned_epochs}
+
+
+def micro_batches_per_epoch(rows: int, plan: BatchPlan) -> int:
+    """One worker's data loader length, as the Trainer builds it: each of world_size workers gets
+    ceil(rows / world_size) rows (the distributed sampler pads), in micro-batches of per_device rows (the
+    last one short). Unpacked rows only: packing's length is known once TRL has packed them."""
+    return math.ceil(math.ceil(rows / plan.world_size) / plan.per_device_batch_size)
+
+
+def duration(settings: Settings, micro_batches_per_epoch: int, accumulation: int) -> Duration:
+    """Steps for the run's epochs (capped by max_steps) or its max_steps; neither set: seed 60 steps, fast 3 epochs.
+    A step is `accumulation` micro-batches, and a short last group is a step too (as the Trainer counts).
+    micro_batches_per_epoch: the training data loader's length on one worker."""
+    train = settings.train
+    epochs, max_steps = train.epochs, train.max_steps
+    if epochs is None and max_steps is None:
+        epochs, max_steps = (None, SEED_MAX_STEPS) if train.recipe == "seed" else (DEFAULT_EPOCHS, None)
+    per_epoch = max(math.ceil(micro_batches_per_epoch / accumulation), 1)
+    steps = math.ceil(epochs * per_epoch) if epochs is not None else max_steps
+    if max_steps is not None:
+        steps = min(steps, max_steps)
+    return Duration(epochs=epochs, max_steps=max_steps, steps_per_epoch=per_epoch, steps=max(steps, 1))
 
 
 def batch_plan(settings: Settings, mean_row_tokens: float | None = None, world_size: int = 1,

@@ -43,6 +43,7 @@ def build_manifest(run_id: str, settings: Settings, report, identity: dict, metr
         "engine": metrics["engine"],
         "settings": redacted(settings),
         "settings_sha256": identity["settings_sha256"],
+        "duration": {**metrics.get("duration", {}), "steps_trained": metrics["steps"], "epochs_trained": metrics.get("epochs_trained")},
         "loss": {"first": metrics["loss_first"], "last": metrics["loss_last"],
                  "eval_before": metrics["eval_loss_before"], "eval_after": metrics["eval_loss_after"]},
     }

@@ -60,7 +60,11 @@ class TrainSettings(Section):
         description="fast: one micro-batch of ~micro_batch_tokens tokens a step, rows of similar length together, checkpointing only if needed; "
         "seed: the tutorial as written (2 rows x 4 accumulation, padding, Unsloth checkpointing).",
     )
-    max_steps: int = Field(60, ge=1, description="Optimizer steps.")
+    epochs: float | None = Field(
+        None, gt=0, description="Passes over the training rows (fractions allowed); sizes the run. Unset: fast 3, seed none "
+        "(the tutorial's 60 steps). With max_steps also set, max_steps caps it.")
+    max_steps: int | None = Field(None, ge=1, description="Optimizer steps: alone, the run's length; with epochs, a cap. "
+                                  "Unset: seed 60, fast sized by epochs.")
     per_device_batch_size: int | None = Field(None, ge=1, description="Rows per micro-batch; unset: seed 2, fast micro_batch_tokens / mean row tokens.")
     gradient_accumulation_steps: int | None = Field(None, ge=1, description="Micro-batches per optimizer step; unset: seed 4 (2 x 4 = 8 rows a step), fast 1.")
     micro_batch_tokens: int = Field(16384, ge=64, description="Fast recipe: token budget of one micro-batch, at most 16 rows a step (job/plan.py).")

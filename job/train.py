@@ -16,11 +16,12 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 from job import chat, checkpoint, distributed
+from job import plan as planning
 from job.data import DataReport
 from job.errors import ConfigError, DataError, NonFiniteLoss, OutOfMemory, Terminated, VerifyError
 from job.logs import get_logger
 from job.observe import check_report_to
-from job.plan import BatchPlan, batch_plan
+from job.plan import BatchPlan, Duration, batch_plan
 from job.settings import Settings
 
 log = get_logger(__name__)
@@ -87,6 +88,8 @@ class TrainMetrics:
     cpu_threads: int
     label_check: dict
     model_load_s: float = 0.0
+    duration: dict = field(default_factory=dict)  # plan.Duration: epochs and steps asked for and planned
+    epochs_trained: float | None = None  # the Trainer's epoch counter at the end (1.0 = every row once)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -113,8 +116,9 @@ def _optimizer(name: str | None, recipe: str, cuda: bool) -> str:
     return name
 
 
-def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: BatchPlan | None = None):
-    """Trainer arguments: the seed tutorial's hyperparameters in the batch plan's shape."""
+def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: BatchPlan | None = None, steps: int | None = None):
+    """Trainer arguments: the seed tutorial's hyperparameters in the batch plan's shape, for `steps` optimizer
+    steps (train() sets the run's exact count from the data loader once the trainer has built it)."""
     import torch
     from trl import SFTConfig
 
@@ -126,7 +130,7 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: BatchPlan
         per_device_train_batch_size=plan.per_device_batch_size,
         gradient_accumulation_steps=plan.gradient_accumulation_steps,
         warmup_steps=plan.warmup_steps,
-        max_steps=train.max_steps,
+        max_steps=steps or train.max_steps or planning.SEED_MAX_STEPS,
         learning_rate=plan.learning_rate,
         lr_scheduler_type=train.lr_scheduler_type,
         optim=_optimizer(train.optim, train.recipe, cuda),
@@ -258,6 +262,51 @@ def run_training(spec: TrainSpec, push) -> TrainMetrics | None:
     return metrics
 
 
+def log_training_plan(settings: Settings, plan: BatchPlan, length: Duration, rows: int, mean_row_tokens: float, cuda: bool) -> None:
+    """The start line: how much data, how long, in what shape, and an ETA (on a GPU, from the bench's
+    measured rates; the progress lines then give the measured one)."""
+    if distributed.ranks().rank != 0:
+        return
+    tokens = round(rows * mean_row_tokens)
+    eta = planning.estimated_train_seconds(settings.train.recipe, length.steps, tokens * length.planned_epochs) if cuda else None
+    log.info("training plan", rows=rows, tokens=tokens, epochs=length.planned_epochs, steps=length.steps,
+             steps_per_epoch=length.steps_per_epoch, rows_per_step=plan.rows_per_step, learning_rate=plan.learning_rate,
+             eta_s=eta, eta_basis="H200 bench estimate" if eta is not None else "measured from the first steps")
+
+
+def order_rows_by_epoch(trainer, seed: int) -> None:
+    """Give the trainer a length-grouped sampler whose order is a function of (seed, epoch) alone.
+    transformers' own draws from the global RNG, which a resumed run restores only after drawing the
+    epoch's order: resumed mid-epoch, it repeated an earlier epoch's order, training some rows twice and
+    skipping others. The Trainer calls set_epoch at the start of every epoch, resumed ones included."""
+    if trainer.args.train_sampling_strategy != "group_by_length":
+        return  # "random": accelerate's seedable sampler is already seeded by epoch
+    import torch
+    from transformers.trainer_pt_utils import LengthGroupedSampler, get_length_grouped_indices
+
+    class EpochOrderedSampler(LengthGroupedSampler):
+        epoch = 0
+
+        def set_epoch(self, epoch: int) -> None:
+            self.epoch = epoch
+
+        def __iter__(self):
+            generator = torch.Generator().manual_seed(seed + self.epoch)
+            return iter(get_length_grouped_indices(self.lengths, self.batch_size, generator=generator))
+
+    default = trainer._get_train_sampler
+
+    def sampler(train_dataset=None):
+        grouped = default(train_dataset)
+        if not isinstance(grouped, LengthGroupedSampler):
+            return grouped
+        ordered = EpochOrderedSampler.__new__(EpochOrderedSampler)
+        ordered.__dict__.update(grouped.__dict__)
+        return ordered
+
+    trainer._get_train_sampler = sampler
+
+
 def check_labels(trainer, end_of_turn_id: int) -> dict:
     """First-batch self-check: prompt tokens masked, answer tokens trained, the template's end-of-turn trained."""
     batch = next(iter(trainer.get_train_dataloader()))
@@ -371,6 +420,11 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
                          args=sft_config(settings, spec.checkpoint_dir, cuda, plan), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # Progress logs through structlog; the printer would repeat it as dicts
+    order_rows_by_epoch(trainer, settings.train.seed)
+    # The run's length from the real data loader (after TRL's packing, on this worker's share of the rows).
+    length = planning.duration(settings, len(trainer.get_train_dataloader()), plan.gradient_accumulation_steps)
+    trainer.args.max_steps = length.steps
+    log_training_plan(settings, plan, length, len(dataset), spec.mean_row_tokens, cuda)
     labels = check_labels(trainer, chat.end_of_turn_id(tokenizer))
     log.info("label check passed", **labels)
 
@@ -419,4 +473,5 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
         step_seconds=_step_seconds(progress.start, progress.steps), batch_plan=plan.as_dict(),
         peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         world_size=ranks.world_size, cpu_threads=torch.get_num_threads(), label_check=labels, model_load_s=model_load_s,
+        duration=length.as_dict(), epochs_trained=round(trainer.state.epoch, 4) if trainer.state.epoch is not None else None,
     )

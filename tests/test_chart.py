@@ -220,6 +220,20 @@ def test_the_chart_renders_as_a_subchart_with_global_values(tmp_path):
     assert any(d["kind"] == "Job" for d in docs)
 
 
+def test_run_length_in_epochs_reaches_the_job_and_defaults_to_the_jobs_own(tmp_path, clean_env, monkeypatch):
+    from job.settings import Settings
+
+    names = {e["name"] for e in _env(render(*MINIMAL))}
+    assert not names & {"QLORA_TRAIN__EPOCHS", "QLORA_TRAIN__MAX_STEPS"}, "unset: the job sizes the run (fast: 3 epochs)"
+    values = tmp_path / "values.yaml"
+    values.write_text("datasetUri: s3://a-bucket/x.jsonl\noutputUri: s3://a-bucket/out\nepochs: 1.5\nmaxSteps: 400\n")
+    env = {e["name"]: e.get("value") for e in _env(render("-f", str(values)))}
+    assert (env["QLORA_TRAIN__EPOCHS"], env["QLORA_TRAIN__MAX_STEPS"]) == ("1.5", "400")
+    for name in ("QLORA_DATASET_URI", "QLORA_OUTPUT_URI", "QLORA_TRAIN__EPOCHS", "QLORA_TRAIN__MAX_STEPS"):
+        monkeypatch.setenv(name, env[name])
+    assert (Settings().train.epochs, Settings().train.max_steps) == (1.5, 400)
+
+
 def test_numbers_from_a_values_file_reach_the_job_exactly(tmp_path, clean_env, monkeypatch):
     """YAML numbers arrive as float64: 2000000 rendered as 2e+06 and the settings loader refused it (exit 2)."""
     from job.settings import Settings
@@ -240,7 +254,7 @@ def test_numbers_from_a_values_file_reach_the_job_exactly(tmp_path, clean_env, m
 
 def test_a_variable_the_user_repeats_appears_once_with_the_users_value():
     """Server-side apply (Helm 4's default) refuses a container env list with a repeated name."""
-    docs = render(*MINIMAL, "--set", "settings.QLORA_TRAIN__MAX_STEPS=500",
+    docs = render(*MINIMAL, "--set", "maxSteps=60", "--set", "settings.QLORA_TRAIN__MAX_STEPS=500",
                   "--set-json", 'env=[{"name": "QLORA_ENGINE", "value": "transformers"}, {"name": "QLORA_LORA__R", "value": "4"}]',
                   "--set", "settings.QLORA_LORA__R=8")
     env = _env(docs)

@@ -2,7 +2,7 @@
 
 import pytest
 
-from job.plan import BatchPlan, batch_plan
+from job.plan import BatchPlan, batch_plan, duration, micro_batches_per_epoch
 from job.settings import Settings
 
 
@@ -63,3 +63,30 @@ def test_packed_rows_a_step_count_rows_not_sequences(clean_env):
 def test_before_the_data_is_measured_rows_are_taken_as_512_tokens(clean_env):
     assert batch_plan(settings(micro_batch_tokens=4096)).per_device_batch_size == 4096 // 512
     assert batch_plan(settings(micro_batch_tokens=64), mean_row_tokens=0.5).per_device_batch_size == 16  # 64 / max(0.5, 1), capped
+
+
+def test_a_run_is_sized_in_epochs_by_default_and_the_seed_keeps_its_60_steps(clean_env):
+    # fast, 1,000 rows, 16 a step: 63 micro-batches an epoch (the last one short), 3 epochs = 189 steps.
+    plan = batch_plan(settings(), mean_row_tokens=100, dataset_rows=1000)
+    batches = micro_batches_per_epoch(1000, plan)
+    assert batches == 63
+    d = duration(settings(), batches, plan.gradient_accumulation_steps)
+    assert (d.epochs, d.max_steps, d.steps_per_epoch, d.steps, d.planned_epochs) == (3.0, None, 63, 189, 3.0)
+    # The data decides the length: 100 rows train 21 steps, 50,000 rows 9,375.
+    assert duration(settings(), micro_batches_per_epoch(100, plan), 1).steps == 21
+    assert duration(settings(), micro_batches_per_epoch(50_000, plan), 1).steps == 9375
+    # Fractions, and max_steps as a cap; max_steps alone is the length, whatever the data.
+    assert duration(settings(epochs=0.5), 63, 1).steps == 32
+    assert duration(settings(epochs=2, max_steps=100), 63, 1).steps == 100
+    assert duration(settings(max_steps=7), 63, 1).as_dict() == {"epochs": None, "max_steps": 7, "steps_per_epoch": 63, "steps": 7,
+                                                                "planned_epochs": round(7 / 63, 4)}
+    # seed: 2 rows x 4 micro-batches; 1,000 rows = 500 micro-batches = 125 steps an epoch, but 60 steps unless asked.
+    seed = batch_plan(settings(recipe="seed"), dataset_rows=1000)
+    assert micro_batches_per_epoch(1000, seed) == 500
+    assert duration(settings(recipe="seed"), 500, 4).steps == 60
+    assert duration(settings(recipe="seed", epochs=1), 500, 4).steps == 125
+    # A short last group of micro-batches is a step, as the Trainer counts: 501 micro-batches = 126 steps.
+    assert duration(settings(recipe="seed", epochs=1), 501, 4).steps == 126
+    # Two workers share the rows (the sampler pads to an even share): 1,000 rows = 500 each = 63 micro-batches of 8.
+    two = batch_plan(settings(), mean_row_tokens=100, dataset_rows=1000, world_size=2)
+    assert micro_batches_per_epoch(1000, two) == 63 and micro_batches_per_epoch(1001, two) == 63

@@ -17,7 +17,7 @@ def test_defaults_are_the_seed_tutorials_recipe(clean_env, monkeypatch):
     assert (s.lora.r, s.lora.alpha, s.lora.dropout, s.lora.target_modules) == (16, 16, 0.0, SEVEN_PROJECTIONS)
     assert s.lora.gradient_checkpointing == "auto"
     t = s.train
-    assert t.recipe == "fast" and t.max_steps == 60
+    assert t.recipe == "fast" and (t.epochs, t.max_steps) == (None, None)  # plan.duration: fast 3 epochs, seed 60 steps
     s.train.recipe = "seed"
     assert batch_plan(s).as_dict() == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
                                        "sampling": "random", "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 8,

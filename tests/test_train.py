@@ -114,3 +114,65 @@ def test_steady_throughput_skips_the_warm_up_steps():
     assert steady_tokens_per_second(steps) == 100.0
     assert steady_tokens_per_second(steps[:1]) is None
     assert _step_seconds(0.0, steps[:3]) == [1.0, 1.0, 1.0]
+
+
+@pytest.mark.parametrize("recipe, stop_after, steps_per_epoch", [("fast", 8, 6), ("seed", 4, 3)])
+def test_a_run_resumed_mid_epoch_sees_each_row_of_that_epoch_once(recipe, stop_after, steps_per_epoch, tmp_path, tiny_model,
+                                                                   tiny_tokenizer, clean_env):
+    """2 epochs of 24 rows (fast: 4 a step, length-grouped; seed: 2 x 4 accumulation, random order): stopped
+    (SIGTERM) in epoch 2, resumed from its checkpoint in a fresh work folder; every row is trained once in
+    epoch 1 and once in epoch 2, across both processes' steps."""
+    import os
+    import re
+    import signal
+
+    from transformers import TrainerCallback
+
+    from job import train as training
+    from job.errors import Terminated
+
+    source = tmp_path / "rows.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"Question number {i}?", "output": f"Answer {i}."}) + "\n" for i in range(24)))
+    settings = Settings(dataset_uri=str(source), output_uri=str(tmp_path / "out"), engine="transformers",
+                        train={"recipe": recipe, "epochs": 2, **({"per_device_batch_size": 4} if recipe == "fast" else {})},
+                        checkpoint={"every_minutes": 0})
+
+    class Rows(TrainerCallback):
+        """The rows of every training micro-batch, by question number, read from the model's inputs."""
+
+        def __init__(self, stop_after: int | None = None):
+            self.seen, self.stop_after, self.hook = [], stop_after, None
+
+        def record(self, module, args, kwargs):
+            for ids in kwargs["input_ids"]:
+                self.seen.append(int(re.search(r"Question number (\d+)", tiny_tokenizer.decode(ids)).group(1)))
+
+        def on_train_begin(self, args, state, control, model=None, **kwargs):
+            self.hook = model.register_forward_pre_hook(self.record, with_kwargs=True)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == self.stop_after:
+                os.kill(os.getpid(), signal.SIGTERM)  # as a preempted pod gets it; the next step ends with the checkpoint
+
+        def on_train_end(self, args, state, control, **kwargs):
+            self.hook.remove()
+
+    def spec(work):
+        report = validate_dataset(source, work)
+        return training.prepare(settings, "transformers", str(tiny_model), report, None, work, str(tmp_path / "out" / "r1"), "r1")
+
+    first = Rows(stop_after=stop_after)  # inside epoch 2
+    with pytest.raises(Terminated):
+        training.train(spec(tmp_path / "work-1"), extra_callbacks=(first,))
+    resumed_spec = spec(tmp_path / "work-2")
+    saved = stop_after + 1
+    assert resumed_spec.resume_from is not None and resumed_spec.resume_from.name == f"checkpoint-{saved}"
+    second = Rows()
+    metrics = training.train(resumed_spec, extra_callbacks=(second,))
+    # The first process trained all 24 rows, then part of epoch 2; the second the rest of epoch 2.
+    assert len(first.seen) == saved * 24 // steps_per_epoch and len(first.seen) + len(second.seen) == 48
+    assert sorted(first.seen[:24]) == list(range(24))
+    assert sorted(first.seen[24:] + second.seen) == list(range(24)), (str(first.seen), str(second.seen))
+    steps = 2 * steps_per_epoch
+    assert (metrics.steps, metrics.epochs_trained, metrics.duration["steps"], metrics.duration["steps_per_epoch"]) == (steps, 2.0, steps, steps_per_epoch)
+    assert metrics.loss_curve[0]["step"] == saved + 1

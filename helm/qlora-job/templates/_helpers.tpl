@@ -198,7 +198,12 @@ chart's own (server-side apply refuses a list with a repeated name).
 {{- $env = append $env (dict "name" "QLORA_OUTPUT_URI" "value" (required "outputUri is required: the s3:// prefix that receives <run_id>/adapter and manifest.json" .Values.outputUri)) }}
 {{- $env = append $env (dict "name" "QLORA_MODEL__NAME" "value" (include "qlora-job.envValue" .Values.model)) }}
 {{- $env = append $env (dict "name" "QLORA_ENGINE" "value" (include "qlora-job.envValue" .Values.engine)) }}
+{{- if not (kindIs "invalid" .Values.epochs) }}
+{{- $env = append $env (dict "name" "QLORA_TRAIN__EPOCHS" "value" (include "qlora-job.envValue" .Values.epochs)) }}
+{{- end }}
+{{- if not (kindIs "invalid" .Values.maxSteps) }}
 {{- $env = append $env (dict "name" "QLORA_TRAIN__MAX_STEPS" "value" (include "qlora-job.envValue" .Values.maxSteps)) }}
+{{- end }}
 {{- if .Values.runId }}
 {{- $env = append $env (dict "name" "QLORA_RUN_ID" "value" (include "qlora-job.envValue" .Values.runId)) }}
 {{- else }}
