@@ -206,6 +206,9 @@ def main(argv: list[str] | None = None) -> int:
         code, message = error.exit_code, str(error)
     except KeyboardInterrupt:
         code, message = ExitCode.TERMINATED, "interrupted"
+    except BrokenPipeError:  # `qlora-job config | head`: the reader has what it wanted
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit flush cannot raise again
+        return ExitCode.OK
     except Exception as error:  # the one broad catch: anything unexpected is exit 1, with its traceback logged
         log.exception("internal error")
         code, message = ExitCode.INTERNAL, f"internal error: {type(error).__name__}: {error}"

@@ -21,7 +21,6 @@ from job.data import DataReport
 from job.errors import ConfigError, DataError, NonFiniteLoss, OutOfMemory, Terminated, VerifyError
 from job.logs import get_logger
 from job.observe import check_report_to
-from job.plan import BatchPlan, Duration, batch_plan
 from job.settings import Settings
 
 log = get_logger(__name__)
@@ -116,14 +115,14 @@ def _optimizer(name: str | None, recipe: str, cuda: bool) -> str:
     return name
 
 
-def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: BatchPlan | None = None, steps: int | None = None):
+def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: planning.BatchPlan | None = None, steps: int | None = None):
     """Trainer arguments: the seed tutorial's hyperparameters in the batch plan's shape, for `steps` optimizer
     steps (train() sets the run's exact count from the data loader once the trainer has built it)."""
     import torch
     from trl import SFTConfig
 
     train = settings.train
-    plan = plan or batch_plan(settings)
+    plan = plan or planning.batch_plan(settings)
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return SFTConfig(
         output_dir=str(output_dir),
@@ -262,7 +261,7 @@ def run_training(spec: TrainSpec, push) -> TrainMetrics | None:
     return metrics
 
 
-def log_training_plan(settings: Settings, plan: BatchPlan, length: Duration, rows: int, mean_row_tokens: float, cuda: bool) -> None:
+def log_training_plan(settings: Settings, plan: planning.BatchPlan, length: planning.Duration, rows: int, mean_row_tokens: float, cuda: bool) -> None:
     """The start line: how much data, how long, in what shape, and an ETA (on a GPU, from the bench's
     measured rates; the progress lines then give the measured one)."""
     if distributed.ranks().rank != 0:
@@ -300,9 +299,7 @@ def order_rows_by_epoch(trainer, seed: int) -> None:
         grouped = default(train_dataset)
         if not isinstance(grouped, LengthGroupedSampler):
             return grouped
-        ordered = EpochOrderedSampler.__new__(EpochOrderedSampler)
-        ordered.__dict__.update(grouped.__dict__)
-        return ordered
+        return EpochOrderedSampler(grouped.batch_size, lengths=grouped.lengths)
 
     trainer._get_train_sampler = sampler
 
@@ -411,7 +408,7 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     eval_dataset = load_from_disk(str(spec.eval_dataset)) if spec.eval_dataset else None
 
     cuda = torch.cuda.is_available()
-    plan = batch_plan(settings, spec.mean_row_tokens, ranks.world_size, len(dataset), cuda)
+    plan = planning.batch_plan(settings, spec.mean_row_tokens, ranks.world_size, len(dataset), cuda)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=spec.mean_row_tokens, **plan.as_dict())
     stop, progress = checkpoint.StopRequest(), progress_callback(on_progress)
     cp = settings.checkpoint

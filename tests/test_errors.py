@@ -23,3 +23,18 @@ def test_one_line_is_bounded():
 def test_every_exit_code_has_a_retry_decision_and_a_meaning():
     assert set(EXIT_CODES) == set(ExitCode)
     assert all(isinstance(retry, bool) and meaning for retry, meaning in EXIT_CODES.values())
+
+
+def test_a_closed_pipe_ends_a_tool_command_quietly():
+    """`qlora-job config --env-docs | head -1`: the reader leaving is not an internal error."""
+    import os
+    import subprocess
+    import sys
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("QLORA_")}
+    job = subprocess.Popen([sys.executable, "-m", "job", "config", "--env-docs", "--markdown"], stdout=subprocess.PIPE,
+                           stderr=subprocess.PIPE, env={**env, "QLORA_TERMINATION_LOG": "/dev/null"})
+    job.stdout.close()  # before the job has written anything: its first write meets a closed pipe
+    _, stderr = job.communicate(timeout=60)
+    assert job.returncode == 0, stderr
+    assert b"Traceback" not in stderr and b"internal error" not in stderr
