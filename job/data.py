@@ -1,23 +1,33 @@
 """Dataset validation: stream the JSONL once, in bounded memory, check every row,
 and write accepted rows in TRL's conversational prompt/completion form.
 
+A dataset is one JSONL file or object, a folder or S3 prefix of JSONL shards, or a weighted list of
+those (settings.dataset_sources); shards ending .gz or .zst are decompressed as they stream.
+
 Accepted formats, one JSON object per line:
   {"instruction", "output"} (+ optional "input", "system")   the seed tutorial's
-  {"messages": [{"role", "content"}, ...]}                   chat; the last turn is the answer
+  {"messages": [{"role", "content"}, ...]}                   chat; every assistant turn is trained
   {"prompt", "completion"}  strings or lists of messages     TRL's own
-The prompt is the system and user turns, the completion the final assistant turn,
-so TRL masks the prompt and the loss falls on the answer (and its end-of-turn token)."""
+The prompt is everything before the final assistant turn, the completion that turn, so TRL masks the
+prompt and the loss falls on the answer (and its end-of-turn token). A messages row's earlier
+assistant turns are trained too unless QLORA_DATA__TRAIN_TURNS=last (train.expand_turns)."""
 
+import gzip
 import hashlib
+import io
 import json
+import zlib
 from collections import Counter
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
+
+import zstandard
 
 from job import storage
 from job.errors import DataError
 from job.logs import get_logger
-from job.settings import Settings
+from job.settings import Settings, dataset_sources
 
 log = get_logger(__name__)
 
@@ -25,10 +35,23 @@ ROLES = ("system", "user", "assistant")
 FORMAT_KEYS = {"instruction": ("instruction", "output"), "messages": ("messages",), "prompt": ("prompt", "completion")}
 SHOWN_REJECTS = 20
 BOM = b"\xef\xbb\xbf"
+SHARD_SUFFIXES = (".jsonl", ".jsonl.gz", ".jsonl.zst")
+MAGIC = {b"\x1f\x8b": "gzip", b"\x28\xb5\x2f\xfd": "zstd"}  # a compressed file's first bytes
 
 
 class RowError(ValueError):
     """Why one row was rejected (becomes a line in rejects.jsonl)."""
+
+
+@dataclass
+class Shard:
+    """One file of a dataset: where it came from, where it lies here, and its source's mixing weight."""
+
+    uri: str
+    path: Path
+    name: str  # its key under the source's prefix, or its file name
+    source: int = 0  # index into the dataset setting's list of URIs
+    weight: float = 1.0
 
 
 @dataclass
@@ -43,6 +66,11 @@ class DataReport:
     formats: Counter = field(default_factory=Counter)
     first_rejects: list[dict] = field(default_factory=list)
     truncated: int = 0  # rows over max_seq_length kept for truncation (QLORA_DATA__OVERLENGTH=truncate)
+    tokens: int = 0  # set once the rows are tokenized (train.load_train_dataset), over-length ones included
+    longest_row_tokens: int = 0
+    overlength_rows: int = 0
+    shards: list[dict] = field(default_factory=list)  # uri, sha256, bytes, accepted, rejected, weight of each
+    weights: list[float] = field(default_factory=lambda: [1.0])  # each source's mixing weight (train rows carry "source")
     train_path: Path | None = None
     rejects_path: Path | None = None
 
@@ -65,7 +93,10 @@ class DataReport:
         return {
             "source": self.source, "sha256": self.sha256, "size_bytes": self.size_bytes, "lines": self.lines,
             "blank": self.blank, "accepted": self.accepted, "rejected": self.rejected,
-            "reject_ratio": round(self.reject_ratio, 6), "formats": dict(self.formats), "first_rejects": self.first_rejects,
+            "reject_ratio": round(self.reject_ratio, 6), "formats": dict(self.formats), "shards": self.shards,
+            **({"tokens": self.tokens, "longest_row_tokens": self.longest_row_tokens, "overlength_rows": self.overlength_rows}
+               if self.tokens else {}),
+            "first_rejects": self.first_rejects,
         }
 
 
@@ -183,25 +214,73 @@ def convert_row(row: object, system_prompt: str | None = None) -> tuple[str, lis
     return kind, prompt, completion
 
 
-def _read_lines(source: Path, max_line_bytes: int, digest):
+def _read_lines(f, max_line_bytes: int):
     """Yield (line number, bytes or None when longer than max_line_bytes); never holds more than one line."""
-    with open(source, "rb") as f:
-        number = 0
-        while True:
-            line = f.readline(max_line_bytes + 1)
-            if not line:
-                return
-            digest.update(line)
-            number += 1
-            if len(line) > max_line_bytes and not line.endswith(b"\n"):
-                while True:  # drain the rest of the over-long line in bounded pieces
-                    rest = f.readline(1 << 20)
-                    digest.update(rest)
-                    if not rest or rest.endswith(b"\n"):
-                        break
-                yield number, None
-                continue
-            yield number, line
+    number = 0
+    while True:
+        line = f.readline(max_line_bytes + 1)
+        if not line:
+            return
+        number += 1
+        if len(line) > max_line_bytes and not line.endswith(b"\n"):
+            while True:  # drain the rest of the over-long line in bounded pieces
+                rest = f.readline(1 << 20)
+                if not rest or rest.endswith(b"\n"):
+                    break
+            yield number, None
+            continue
+        yield number, line
+
+
+class _ZstdFrames(io.RawIOBase):
+    """The decompressed bytes of every zstd frame in a file, read 16 KiB of input at a time. A frame cut
+    short raises ZstdError (zstandard's stream_reader ends there quietly, as if the data were complete)."""
+
+    def __init__(self, raw):
+        self.raw, self.frame, self.pending, self.started = raw, zstandard.ZstdDecompressor().decompressobj(), b"", False
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        while not self.pending:
+            chunk = self.raw.read(16 << 10)
+            if not chunk:
+                if self.started and not self.frame.eof:
+                    raise zstandard.ZstdError("the data ends inside a frame (a truncated upload?)")
+                return 0
+            while chunk:
+                if self.frame.eof:  # the next frame of a concatenated file
+                    self.frame = zstandard.ZstdDecompressor().decompressobj()
+                self.started = True
+                self.pending += self.frame.decompress(chunk)
+                chunk = self.frame.unused_data if self.frame.eof else b""
+        size = min(len(buffer), len(self.pending))
+        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+        return size
+
+
+@contextmanager
+def _open_shard(shard: Shard):
+    """The shard's bytes, decompressed by its suffix; compressed bytes under a plain name are refused."""
+    with open(shard.path, "rb") as raw:
+        suffix = shard.uri.lower().rsplit(".", 1)[-1]
+        if suffix == "gz":
+            yield gzip.GzipFile(fileobj=raw)
+        elif suffix == "zst":
+            yield io.BufferedReader(_ZstdFrames(raw))
+        else:
+            head = raw.read(4)
+            kind = MAGIC.get(head[:2]) or MAGIC.get(head)
+            if kind:
+                raise DataError(f"{shard.uri}: holds {kind}-compressed data but its name does not end .{'gz' if kind == 'gzip' else 'zst'}")
+            raw.seek(0)
+            yield raw
+
+
+def where(report: "DataReport", reject: dict) -> str:
+    """'line 7', or 'line 7 of s3://b/data/part-1.jsonl' when the dataset has several shards."""
+    return f"line {reject['line']}" + (f" of {reject['shard']}" if len(report.shards) > 1 else "")
 
 
 def _parse(number: int, line: bytes | None, max_line_bytes: int) -> object:
@@ -221,16 +300,41 @@ def _parse(number: int, line: bytes | None, max_line_bytes: int) -> object:
         raise RowError("invalid JSON: nested too deeply") from None
 
 
-def validate_dataset(source: Path, out_dir: Path, *, max_line_bytes: int = 1 << 20, system_prompt: str | None = None) -> DataReport:
-    """Check every row of a JSONL file; write accepted rows to out_dir/train.jsonl and rejects to out_dir/rejects.jsonl."""
+def validate_dataset(source: Path | list[Shard], out_dir: Path, *, max_line_bytes: int = 1 << 20,
+                     system_prompt: str | None = None) -> DataReport:
+    """Check every row of every shard (or of one local JSONL file) in order; write accepted rows to
+    out_dir/train.jsonl and rejects, naming shard and line, to out_dir/rejects.jsonl."""
+    shards = [Shard(str(source), source, source.name)] if isinstance(source, Path) else source
     out_dir.mkdir(parents=True, exist_ok=True)
-    report = DataReport(source=str(source), train_path=out_dir / "train.jsonl", rejects_path=out_dir / "rejects.jsonl")
-    digest = hashlib.sha256()
+    report = DataReport(source=shards[0].uri if len(shards) == 1 else f"{len(shards)} shards",
+                        train_path=out_dir / "train.jsonl", rejects_path=out_dir / "rejects.jsonl")
+    weights = {shard.source: shard.weight for shard in shards}
+    report.weights = [weights.get(source, 1.0) for source in range(max(weights) + 1)]
+    with open(report.train_path, "w", encoding="utf-8") as train, open(report.rejects_path, "w", encoding="utf-8") as rejects:
+        for index, shard in enumerate(shards):
+            accepted, rejected = report.accepted, report.rejected
+            _validate_shard(shard, index, report, train, rejects, max_line_bytes, system_prompt)
+            with open(shard.path, "rb") as f:  # file_digest reuses one 256 KiB buffer: memory stays bounded
+                sha256 = hashlib.file_digest(f, "sha256").hexdigest()
+            report.shards.append({"uri": shard.uri, "sha256": sha256, "bytes": shard.path.stat().st_size,
+                                  "accepted": report.accepted - accepted, "rejected": report.rejected - rejected, "weight": shard.weight})
+    report.size_bytes = sum(s["bytes"] for s in report.shards)
+    report.sha256 = report.shards[0]["sha256"] if len(shards) == 1 and shards[0].weight == 1 else _combined_sha256(shards, report.shards)
+    return report
+
+
+def _combined_sha256(shards: list[Shard], summaries: list[dict]) -> str:
+    """One digest over every shard's name, bytes and weight: it changes when any of them does."""
+    lines = (f"{s.source}:{s.name}:{summary['sha256']}:{s.weight}\n" for s, summary in zip(shards, summaries, strict=True))
+    return hashlib.sha256("".join(lines).encode()).hexdigest()
+
+
+def _validate_shard(shard: Shard, index: int, report: DataReport, train, rejects, max_line_bytes: int, system_prompt: str | None) -> None:
+    number = 0
     try:
-        report.size_bytes = source.stat().st_size
-        with open(report.train_path, "w", encoding="utf-8") as train, open(report.rejects_path, "w", encoding="utf-8") as rejects:
-            for number, line in _read_lines(source, max_line_bytes, digest):
-                report.lines = number
+        with _open_shard(shard) as f:
+            for number, line in _read_lines(f, max_line_bytes):
+                report.lines += 1
                 if line is not None and not line.strip(BOM + b" \t\r\n"):
                     report.blank += 1
                     continue
@@ -238,52 +342,88 @@ def validate_dataset(source: Path, out_dir: Path, *, max_line_bytes: int = 1 << 
                     kind, prompt, completion = convert_row(_parse(number, line, max_line_bytes), system_prompt)
                 except RowError as error:
                     report.rejected += 1
-                    reject = {"line": number, "reason": str(error)}
+                    reject = {"line": number, "reason": str(error), "shard": shard.uri}
                     rejects.write(json.dumps(reject, ensure_ascii=False) + "\n")
                     if len(report.first_rejects) < SHOWN_REJECTS:
                         report.first_rejects.append(reject)
                     continue
                 report.accepted += 1
                 report.formats[kind] += 1
-                train.write(json.dumps({"prompt": prompt, "completion": completion, "line": number}, ensure_ascii=False) + "\n")
+                row = {"prompt": prompt, "completion": completion, "format": kind, "line": number, "shard": index, "source": shard.source}
+                train.write(json.dumps(row, ensure_ascii=False) + "\n")
+    except (EOFError, zlib.error, gzip.BadGzipFile) as error:
+        raise DataError(f"{shard.uri}: corrupt gzip data after {number} lines: {error}") from None
     except OSError as error:
-        raise DataError(f"cannot read dataset {source}: {error.strerror or error}") from None
-    report.sha256 = digest.hexdigest()
-    return report
+        raise DataError(f"cannot read dataset {shard.uri}: {error.strerror or error}") from None
+    except zstandard.ZstdError as error:
+        raise DataError(f"{shard.uri}: corrupt zstd data after {number} lines: {error}") from None
 
 
 def check_report(report: DataReport, max_reject_ratio: float) -> None:
     """Raise a DataError when the dataset is empty or has more bad rows than allowed."""
     if report.accepted == 0:
-        first = f"; line {report.first_rejects[0]['line']}: {report.first_rejects[0]['reason']}" if report.first_rejects else ""
-        raise DataError(f"dataset has no usable rows ({report.rejected} rejected{first})")
+        first = report.first_rejects[0] if report.first_rejects else None
+        raise DataError(f"dataset has no usable rows ({report.rejected} rejected" + (f"; {where(report, first)}: {first['reason']})" if first else ")"))
     if report.reject_ratio > max_reject_ratio:
         first = report.first_rejects[0]
         raise DataError(
             f"{report.rejected} of {report.accepted + report.rejected} rows rejected ({report.reject_ratio:.1%} > "
-            f"QLORA_DATA__MAX_REJECT_RATIO={max_reject_ratio}); first: line {first['line']}: {first['reason']}"
+            f"QLORA_DATA__MAX_REJECT_RATIO={max_reject_ratio}); first: {where(report, first)}: {first['reason']}"
         )
 
 
-def fetch_inputs(settings: Settings, folder: Path) -> tuple[Path, Path | None]:
+def _skipped(name: str) -> bool:
+    """Spark's _SUCCESS, Hadoop's .crc files, _temporary/ folders, "folder/" placeholders: not data."""
+    return not name or name.endswith("/") or any(part.startswith(("_", ".")) for part in name.split("/"))
+
+
+def fetch_dataset(value: str, folder: Path) -> list[Shard]:
+    """Download every shard a dataset setting names into folder, sources in the given order, each
+    prefix's shards sorted by key (so a run reads the same rows in the same order every time)."""
+    shards = []
+    for source, (uri, weight) in enumerate(dataset_sources(value)):
+        uris, is_prefix = storage.dataset_objects(uri)
+        names = [u[len(uri.rstrip("/")) + 1:] if is_prefix else u.rsplit("/", 1)[-1] for u in uris]
+        if is_prefix:
+            names = [name for name in names if not _skipped(name)]
+            if not names:
+                raise DataError(f"{uri}: no JSONL shards under this prefix (nothing to train on)")
+            odd = next((name for name in names if not name.lower().endswith(SHARD_SUFFIXES)), None)
+            if odd:
+                raise DataError(f"{storage.join(uri, odd)}: not a JSONL shard (a dataset prefix holds *.jsonl, *.jsonl.gz or "
+                                "*.jsonl.zst; names starting with _ or . are skipped)")
+        for name in names:
+            shard_uri = storage.join(uri, name) if is_prefix else uri
+            path = storage.fetch_file(shard_uri, folder / f"{len(shards):05d}-{name.rsplit('/', 1)[-1]}")
+            shards.append(Shard(shard_uri, path, name, source, weight))
+    return shards
+
+
+def fetch_inputs(settings: Settings, folder: Path) -> tuple[list[Shard], list[Shard] | None]:
     """Download the dataset (and the separate eval set, if any) into folder: (dataset, eval set or None)."""
-    dataset = storage.fetch_file(settings.dataset_uri, folder / "dataset.jsonl")
-    eval_set = storage.fetch_file(settings.eval.dataset_uri, folder / "eval.jsonl") if settings.eval.dataset_uri else None
-    log.info("dataset fetched", bytes=dataset.stat().st_size)
+    dataset = fetch_dataset(settings.dataset_uri, folder / "dataset")
+    eval_set = fetch_dataset(settings.eval.dataset_uri, folder / "eval") if settings.eval.dataset_uri else None
+    log.info("dataset fetched", shards=len(dataset), bytes=sum(shard.path.stat().st_size for shard in dataset))
     return dataset, eval_set
 
 
-def validate_inputs(settings: Settings, inputs: tuple[Path, Path | None], work: Path) -> tuple[DataReport, DataReport | None]:
-    """Validate the dataset and the eval set; raise a DataError past the allowed share of bad rows."""
-    dataset, eval_set = inputs
+def validate(shards: list[Shard], uri: str, work: Path, settings: Settings) -> DataReport:
+    """Validate one dataset (its rejects logged) and check its share of bad rows."""
     data = settings.data
-    report = validate_dataset(dataset, work, max_line_bytes=data.max_line_bytes, system_prompt=data.system_prompt)
-    log.info("dataset validated", **{k: v for k, v in report.summary().items() if k != "first_rejects"})
+    report = validate_dataset(shards, work, max_line_bytes=data.max_line_bytes, system_prompt=data.system_prompt)
+    report.source = uri
+    log.info("dataset validated", **{k: v for k, v in report.summary().items() if k not in ("first_rejects", "shards")},
+             shards=len(report.shards))
     for reject in report.first_rejects[:5]:
         log.warning("rejected row", **reject)
     check_report(report, data.max_reject_ratio)
+    return report
+
+
+def validate_inputs(settings: Settings, inputs: tuple[list[Shard], list[Shard] | None], work: Path) -> tuple[DataReport, DataReport | None]:
+    """Validate the dataset and the eval set; raise a DataError past the allowed share of bad rows."""
+    dataset, eval_set = inputs
+    report = validate(dataset, settings.dataset_uri, work, settings)
     if eval_set is None:
         return report, None
-    eval_report = validate_dataset(eval_set, work / "eval", max_line_bytes=data.max_line_bytes, system_prompt=data.system_prompt)
-    check_report(eval_report, data.max_reject_ratio)
-    return report, eval_report
+    return report, validate(eval_set, settings.eval.dataset_uri, work / "eval", settings)

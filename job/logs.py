@@ -13,8 +13,8 @@ import structlog
 QUIET = ("botocore", "boto3", "s3transfer", "urllib3", "filelock", "fsspec", "httpx", "werkzeug")
 
 
-def configure_logging(log_format: str = "auto", level: str = "info") -> None:
-    """Route structlog and stdlib logging to stdout through one renderer."""
+def configure_logging(log_format: str = "auto", level: str = "info", stream=None) -> None:
+    """Route structlog and stdlib logging to stdout (or stream: `plan` keeps stdout for its report) through one renderer."""
     as_json = log_format == "json" or (log_format == "auto" and not sys.stdout.isatty())
     if not sys.stdout.isatty():
         # tqdm bars (model loading, datasets, hub) are noise in pod logs; tqdm honours this variable.
@@ -35,7 +35,7 @@ def configure_logging(log_format: str = "auto", level: str = "info") -> None:
             renderer,
         ],
     )
-    handler = logging.StreamHandler(sys.stdout)
+    handler = logging.StreamHandler(stream or sys.stdout)
     handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = [handler]

@@ -63,9 +63,10 @@ class RunMetrics:
     timings: dict[str, float] = field(default_factory=dict)
     train: object | None = None  # job.train.TrainMetrics, once training has run
     data: object | None = None  # job.data.DataReport, once the data is validated
+    parent: dict | None = None  # a warm start's parent adapter (warmstart.fetch_parent)
 
     def as_json(self) -> dict:
-        document = {**self.train.as_dict(), "run_id": self.run_id, "timings": self.timings}
+        document = {**self.train.as_dict(), "run_id": self.run_id, "timings": self.timings, "parent": self.parent}
         if self.data is not None:
             document.update(overlength_truncated=self.data.truncated, data=self.data.summary())
         return document

@@ -38,8 +38,9 @@ def build_manifest(run_id: str, settings: Settings, report, identity: dict, metr
     return {
         "run_id": run_id,
         "dataset": {"uri": settings.dataset_uri, "sha256": report.sha256, "rows_accepted": report.accepted,
-                    "rows_rejected": report.rejected},
+                    "rows_rejected": report.rejected, "shards": report.shards},
         "base_model": identity["base_model"],
+        "parent": metrics.get("parent"),  # the adapter a warm start continued from (QLORA_LORA__INIT_FROM), else None
         "engine": metrics["engine"],
         "settings": redacted(settings),
         "settings_sha256": identity["settings_sha256"],

@@ -6,6 +6,7 @@ AWS_WEB_IDENTITY_TOKEN_FILE, ...). Defaults are the seed tutorial's recipe."""
 
 import difflib
 import json
+import math
 import os
 from pathlib import Path
 from typing import Any, Literal, get_args, get_origin
@@ -18,6 +19,31 @@ from job.errors import ConfigError
 ENV_PREFIX = "QLORA_"
 DELIMITER = "__"
 SEVEN_PROJECTIONS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def dataset_sources(value: str) -> list[tuple[str, float]]:
+    """A dataset URI setting as (uri, weight) pairs: one URI (an object, a file, or a prefix or folder of
+    shards), or a JSON list of URIs and {"uri": ..., "weight": ...} objects. Raises ValueError."""
+    from job.storage import check_uri
+
+    if not value.lstrip().startswith("["):
+        return [(check_uri(value), 1.0)]
+    try:
+        items = json.loads(value)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"is not a valid JSON list: {error.msg} (column {error.colno})") from None
+    if not items:
+        raise ValueError("is an empty list")
+    sources = []
+    for item in items:
+        entry = {"uri": item} if isinstance(item, str) else item
+        if not isinstance(entry, dict) or not isinstance(entry.get("uri"), str) or set(entry) - {"uri", "weight"}:
+            raise ValueError(f'entry {json.dumps(item)} must be a URI or {{"uri": "...", "weight": N}}')
+        weight = entry.get("weight", 1)
+        if isinstance(weight, bool) or not isinstance(weight, int | float) or not math.isfinite(weight) or weight <= 0:
+            raise ValueError(f"weight of {entry['uri']} must be a number above 0, got {json.dumps(weight)}")
+        sources.append((check_uri(entry["uri"]), float(weight)))
+    return sources
 
 
 class Section(BaseModel):
@@ -47,11 +73,24 @@ class LoraSettings(Section):
         description="Tokens whose embedding rows are trained too (peft trainable_token_indices; transformers engine): ChatML's "
         "start and end tokens for a base model whose chat-template tokens were never trained (docs/design.md, Stopping).",
     )
+    init_from: str | None = Field(
+        None, description="Warm start: continue from a published adapter instead of fresh LoRA weights: latest (the run "
+        "latest.json points to; none yet: fresh weights) or an s3:// or local adapter folder. Same base model and LoRA shape, "
+        "else exit 2; the manifest records the parent.",
+    )
     gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = Field(
         "auto",
         description="Gradient checkpointing: auto (seed recipe: unsloth; fast recipe: only when activations would not fit), "
         "unsloth (offloaded, unsloth engine), true, or false.",
     )
+
+
+    @field_validator("init_from")
+    @classmethod
+    def _init_from(cls, value: str | None) -> str | None:
+        from job.storage import check_uri
+
+        return value if value in (None, "latest") else check_uri(value)
 
 
 class TrainSettings(Section):
@@ -95,6 +134,10 @@ class DataSettings(Section):
     max_line_bytes: int = Field(1 << 20, ge=1024, description="Longest accepted JSONL line in bytes; longer lines are rejected unread.")
     overlength: Literal["reject", "truncate"] = Field("reject", description="Rows longer than model.max_seq_length: reject (counted as bad rows) or truncate.")
     system_prompt: str | None = Field(None, description="System prompt added to rows that have none.")
+    train_turns: Literal["all", "last"] = Field(
+        "all", description="Which assistant turns of a multi-turn messages row carry the loss: all of them (system and user "
+        "turns masked), or only the last (the earlier ones are context, as in the prompt/completion format).",
+    )
 
 
 class CheckpointSettings(Section):
@@ -115,16 +158,17 @@ class RetrainSettings(Section):
 
 class EvalSettings(Section):
     fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the validated rows held out for evaluation (0: none).")
-    dataset_uri: str | None = Field(None, description="A separate JSONL evaluation set (instead of a held-out fraction).")
+    dataset_uri: str | None = Field(None, description="A separate JSONL evaluation set (instead of a held-out fraction); "
+                                    "the same forms as QLORA_DATASET_URI, weights ignored.")
     require_improvement: bool = Field(False, description="Fail (exit 4, nothing published) unless eval loss after training is "
                                       "below eval loss before it.")
 
     @field_validator("dataset_uri")
     @classmethod
     def _uri(cls, value: str | None) -> str | None:
-        from job.storage import check_uri
-
-        return None if value is None else check_uri(value)
+        if value is not None:
+            dataset_sources(value)
+        return value
 
     @model_validator(mode="after")
     def _gate_needs_data(self):
@@ -171,6 +215,13 @@ class VerifySettings(Section):
     )
     require_change: bool = Field(True, description="Require at least one answer to differ from the base model's.")
 
+    @model_validator(mode="after")
+    def _something_to_verify(self):
+        # Found at start-up (and by `plan`), not after training: the gate needs at least one probe.
+        if not self.prompts and not self.train_probes:
+            raise ValueError("nothing to verify: set QLORA_VERIFY__PROMPTS or QLORA_VERIFY__TRAIN_PROBES above 0")
+        return self
+
 
 class Settings(BaseSettings):
     """Everything one run needs; built once in main() and passed down."""
@@ -179,7 +230,9 @@ class Settings(BaseSettings):
         env_prefix=ENV_PREFIX, env_nested_delimiter=DELIMITER, case_sensitive=False, extra="forbid", validate_default=True
     )
 
-    dataset_uri: str = Field(description="JSONL dataset: s3://bucket/key, file:// or a local path.")
+    dataset_uri: str = Field(description="JSONL dataset: an s3:// object, file:// or local file (.gz/.zst decompressed); "
+                             "an s3:// prefix or local folder of *.jsonl[.gz|.zst] shards; or a JSON list of those, "
+                             'each optionally {"uri": ..., "weight": N} (docs/design.md, "Datasets").')
     output_uri: str = Field(description="Prefix that receives <run_id>/adapter, metrics, manifest: s3://bucket/prefix or a local folder.")
     run_id: str | None = Field(None, description="Run identity; defaults to a timestamp and random suffix. Set it to the Job name so retries share it.")
     engine: Literal["auto", "unsloth", "transformers"] = Field("auto", description="auto: unsloth on a CUDA GPU, else transformers.")
@@ -207,7 +260,13 @@ class Settings(BaseSettings):
     metrics: MetricsSettings = MetricsSettings()
     export: ExportSettings = ExportSettings()
 
-    @field_validator("dataset_uri", "output_uri")
+    @field_validator("dataset_uri")
+    @classmethod
+    def _dataset_uri(cls, value: str) -> str:
+        dataset_sources(value)
+        return value
+
+    @field_validator("output_uri")
     @classmethod
     def _uri(cls, value: str) -> str:
         from job.storage import check_uri

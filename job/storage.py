@@ -149,6 +149,35 @@ def fetch_file(uri: str, dest: Path) -> Path:
     return dest
 
 
+def object_exists(uri: str) -> bool:
+    """Whether an S3 key is one object. A 403 counts as absent: without s3:ListBucket, S3 answers 403
+    for a missing key, and listing the prefix next gives the real cause."""
+    bucket, key = _split(uri)
+    if not key:
+        return False
+    try:
+        with _errors(uri):
+            client().head_object(Bucket=bucket, Key=key)
+        return True
+    except StorageError:
+        return False
+
+
+def dataset_objects(uri: str) -> tuple[list[str], bool]:
+    """The objects a dataset URI names, as URIs, and whether it named a prefix or folder: the object or
+    file itself, else every object under it (sorted by key). A trailing slash always means a prefix."""
+    if not is_s3(uri):
+        if not local_path(uri).is_dir():
+            return [uri], False
+        return [join(uri, key) for key in list_keys(uri)], True
+    if not uri.endswith("/") and object_exists(uri):
+        return [uri], False
+    keys = list_keys(uri)
+    if not keys and not uri.endswith("/"):
+        raise StorageError(f"{uri}: not found (no such object, and nothing under it as a prefix)", permanent=True)
+    return [join(uri, key) for key in keys], True
+
+
 def fetch_prefix(uri: str, dest: Path) -> Path:
     """Copy every object under a prefix (a model folder) into dest, keeping relative paths."""
     dest.mkdir(parents=True, exist_ok=True)

@@ -45,6 +45,7 @@ class TrainSpec:
     resume_from: Path | None
     metrics_path: Path  # a worker's rank 0 writes its TrainMetrics here
     errors_dir: Path  # each worker's one-line cause and exit code, read back by the launching process
+    init_adapter: Path | None = None  # a warm start's parent adapter (warmstart.fetch_parent), loaded unless resuming
 
     def to_json(self) -> str:
         values = {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items() if k != "settings"}
@@ -100,6 +101,8 @@ class Overlength:
 
     rejects: list[dict] = field(default_factory=list)
     truncated: int = 0
+    tokens: int = 0  # of every row measured, the long ones included
+    longest: int = 0
 
 
 def _optimizer(name: str | None, recipe: str, cuda: bool) -> str:
@@ -176,14 +179,41 @@ def drop_overlength(dataset, tokenizer, max_length: int, mode: str) -> tuple[obj
         return {"n_tokens": len(ids)}
 
     dataset = dataset.map(measure, desc="Measuring rows")
+    lengths = dataset["n_tokens"]
+    measured = {"tokens": sum(lengths), "longest": max(lengths, default=0)}
     long_rows = dataset.filter(lambda row: row["n_tokens"] > max_length)
     if not len(long_rows):
-        return dataset, Overlength()
+        return dataset, Overlength(**measured)
     if mode != "reject":
-        return dataset, Overlength(truncated=len(long_rows))
-    rejects = [{"line": row["line"], "reason": f"{row['n_tokens']} tokens is longer than QLORA_MODEL__MAX_SEQ_LENGTH={max_length}"}
-               for row in long_rows]
-    return dataset.filter(lambda row: row["n_tokens"] <= max_length), Overlength(rejects=rejects)
+        return dataset, Overlength(truncated=len(long_rows), **measured)
+    rejects = [{"line": row["line"], "reason": f"{row['n_tokens']} tokens is longer than QLORA_MODEL__MAX_SEQ_LENGTH={max_length}",
+                "shard": row.get("shard")} for row in long_rows]
+    return dataset.filter(lambda row: row["n_tokens"] <= max_length), Overlength(rejects=rejects, **measured)
+
+
+def expand_turns(dataset, train_turns: str):
+    """With train_turns "all", a messages row with earlier assistant turns becomes one row per assistant turn:
+    the conversation up to that turn as the prompt, the turn as the completion. TRL masks each as it masks
+    any prompt/completion row, so every turn is trained once, in the form the model produces it, after the
+    history as the chat template renders it at inference (Qwen3's drops the empty think block of earlier
+    turns). The cost: a turn's history is read again for each later turn. An assistant turn with no user
+    turn before it (a greeting) stays context."""
+    if train_turns != "all" or "format" not in dataset.column_names:
+        return dataset
+
+    def split(batch):
+        out = {key: [] for key in batch}
+        for i, prompt in enumerate(batch["prompt"]):
+            turns = [j for j, m in enumerate(prompt) if m["role"] == "assistant" and any(u["role"] == "user" for u in prompt[:j])]
+            for j in turns if batch["format"][i] == "messages" else []:
+                for key in batch:
+                    out[key].append(batch[key][i])
+                out["prompt"][-1], out["completion"][-1] = prompt[:j], [prompt[j]]
+            for key in batch:
+                out[key].append(batch[key][i])
+        return out
+
+    return dataset.map(split, batched=True, desc="One row per assistant turn")
 
 
 def load_train_dataset(report: DataReport, tokenizer, settings: Settings):
@@ -194,10 +224,36 @@ def load_train_dataset(report: DataReport, tokenizer, settings: Settings):
     cache = report.train_path.parent / "hf-datasets"
     dataset = load_dataset("json", data_files=str(report.train_path), split="train", cache_dir=str(cache))
     dataset, overlength = drop_overlength(dataset, tokenizer, settings.model.max_seq_length, settings.data.overlength)
+    for reject in overlength.rejects:  # rows name their shard by index; rejects by URI
+        reject["shard"] = report.shards[reject["shard"]]["uri"] if report.shards and reject["shard"] is not None else None
     report.add_rejects(overlength.rejects)
     report.truncated += overlength.truncated
+    report.tokens, report.longest_row_tokens = overlength.tokens, overlength.longest
+    report.overlength_rows = len(overlength.rejects) + overlength.truncated
     mean_tokens = round(sum(dataset["n_tokens"]) / len(dataset), 1) if len(dataset) else 0.0
-    return dataset.remove_columns(["line", "n_tokens"]), mean_tokens
+    return dataset.remove_columns([c for c in ("line", "n_tokens", "shard") if c in dataset.column_names]), mean_tokens
+
+
+def mix_sources(dataset, weights: list[float], seed: int):
+    """Weight the dataset's sources by repeating rows: a weight of 2 trains each row of its source twice
+    an epoch, 0.5 a seeded half of them, 1.5 every row once and a seeded half again. Eval rows are held
+    out before mixing, so the eval set is never weighted."""
+    if "source" not in dataset.column_names:
+        return dataset
+    if any(weight != 1 for weight in weights):
+        import random
+
+        rng, indices, sources = random.Random(seed), [], dataset["source"]
+        for source, weight in enumerate(weights):
+            rows = [i for i, s in enumerate(sources) if s == source]
+            whole, part = divmod(weight, 1)
+            indices += rows * int(whole) + rng.sample(rows, round(part * len(rows)))
+        if not indices:
+            raise DataError(f"no row left after weighting the dataset's sources by {weights}")
+        log.info("dataset mixed", weights=weights, rows_before=len(dataset), rows_after=len(indices),
+                 rows_per_source=[sum(1 for i in indices if sources[i] == s) for s in range(len(weights))])
+        dataset = dataset.select(sorted(indices))
+    return dataset.remove_columns("source")
 
 
 def split_eval(dataset, fraction: float, seed: int):
@@ -212,7 +268,7 @@ def split_eval(dataset, fraction: float, seed: int):
 
 
 def prepare(settings: Settings, engine_name: str, source: str, report: DataReport, eval_report: DataReport | None,
-            work: Path, run_uri: str, run_id: str) -> TrainSpec:
+            work: Path, run_uri: str, run_id: str, init_adapter: Path | None = None) -> TrainSpec:
     """Tokenize and measure the validated rows (over-length rows join the report's rejects), hold out the
     eval rows, find a checkpoint to resume, and write the datasets where every training process reads them."""
     from job import data, engine
@@ -224,6 +280,11 @@ def prepare(settings: Settings, engine_name: str, source: str, report: DataRepor
         eval_dataset, _ = load_train_dataset(eval_report, tokenizer, settings)
     else:
         dataset, eval_dataset = split_eval(dataset, settings.eval.fraction, settings.train.seed)
+    dataset = expand_turns(mix_sources(dataset, report.weights, settings.train.seed), settings.data.train_turns)
+    dataset = dataset.remove_columns([c for c in ("source", "format") if c in dataset.column_names])
+    if eval_dataset is not None:  # held out whole conversations before expanding: no turn of one is trained on
+        eval_dataset = expand_turns(eval_dataset, settings.data.train_turns)
+        eval_dataset = eval_dataset.remove_columns([c for c in ("source", "format") if c in eval_dataset.column_names])
     dataset.save_to_disk(str(work / "train-dataset"))
     if eval_dataset is not None:
         eval_dataset.save_to_disk(str(work / "eval-dataset"))
@@ -235,7 +296,7 @@ def prepare(settings: Settings, engine_name: str, source: str, report: DataRepor
         eval_dataset=work / "eval-dataset" if eval_dataset is not None else None, mean_row_tokens=mean_row_tokens,
         adapter_dir=out / "adapter", checkpoint_dir=work / "checkpoints", run_id=run_id, run_uri=run_uri,
         resume_from=checkpoint.fetch_latest_checkpoint(run_uri, work), metrics_path=work / "worker-metrics.json",
-        errors_dir=work / "worker-errors",
+        errors_dir=work / "worker-errors", init_adapter=init_adapter,
     )
 
 
@@ -304,8 +365,9 @@ def order_rows_by_epoch(trainer, seed: int) -> None:
     trainer._get_train_sampler = sampler
 
 
-def check_labels(trainer, end_of_turn_id: int) -> dict:
-    """First-batch self-check: prompt tokens masked, answer tokens trained, the template's end-of-turn trained."""
+def check_labels(trainer, end_of_turn_id: int, allow_cut_turns: bool = False) -> dict:
+    """First-batch self-check: prompt tokens masked, answer tokens trained, every trained turn ending with the
+    template's end-of-turn token."""
     batch = next(iter(trainer.get_train_dataloader()))
     labels = batch["labels"]
     trained = labels[labels != IGNORE]
@@ -316,6 +378,18 @@ def check_labels(trainer, end_of_turn_id: int) -> dict:
         raise DataError("label check failed: no answer token is trained (is every answer truncated away?)")
     if result["end_of_turn_trained"] == 0:
         raise DataError("label check failed: the end-of-turn token is never trained, generation would not stop")
+    # Each trained stretch is one assistant turn (every turn of a multi-turn row, or the final one) and must
+    # end its turn: a stretch without the end-of-turn token is a mask that spilled or a turn cut short.
+    turns = ends = 0
+    for row in labels.tolist():
+        for is_trained, stretch in itertools.groupby(row, key=lambda token: token != IGNORE):
+            if is_trained:
+                turns += 1
+                ends += end_of_turn_id in list(stretch)
+    result["turns_trained"] = turns
+    if ends < turns and not allow_cut_turns:
+        raise DataError(f"label check failed: {turns - ends} of {turns} trained turns in the first batch do not end with "
+                        "the end-of-turn token")
     return result
 
 
@@ -402,6 +476,10 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     settings, ranks = spec.settings, distributed.ranks()
     started = time.perf_counter()
     model, tokenizer = engine.load_for_training(settings, spec.engine, spec.model_source, device=ranks.local_rank)
+    if spec.init_adapter is not None and spec.resume_from is None:  # a checkpoint holds the weights trained since
+        from job import warmstart
+
+        warmstart.load_into(model, spec.init_adapter)
     model_load_s = round(time.perf_counter() - started, 3)
     log.info("model loaded", engine=spec.engine, source=spec.model_source, seconds=model_load_s)
     dataset = load_from_disk(str(spec.train_dataset))
@@ -422,7 +500,7 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     length = planning.duration(settings, len(trainer.get_train_dataloader()), plan.gradient_accumulation_steps)
     trainer.args.max_steps = length.steps
     log_training_plan(settings, plan, length, len(dataset), spec.mean_row_tokens, cuda)
-    labels = check_labels(trainer, chat.end_of_turn_id(tokenizer))
+    labels = check_labels(trainer, chat.end_of_turn_id(tokenizer), allow_cut_turns=settings.data.overlength == "truncate")
     log.info("label check passed", **labels)
 
     eval_before = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None

@@ -2,15 +2,18 @@
 give its exit code, one line on stderr naming the problem, and publish nothing.
 docs/bad-input.md keeps the table of these cases and outcomes (a test checks it lists them all)."""
 
+import gzip
 import json
 
 import pytest
+import zstandard
 
 from tests.conftest import REPO, run_job
 
 GOOD = json.dumps({"instruction": "What does RIS steer?", "output": "Radio waves."})
+SHARDS = "s3://{bucket}/data/shards/"  # a case whose dataset is a dict of keys under data/shards/ reads this prefix
 
-# id: (dataset bytes or None to keep the good one, extra env, exit code, text in the message)
+# id: (dataset bytes, {key under data/shards/: bytes}, or None to keep the good one, extra env, exit code, text in the message)
 CASES = {
     "truncated-json": (b'{"instruction": "Q", "output": "A', {}, 3, "line 1: invalid JSON"),
     "not-json": (b"instruction=Q output=A\n", {}, 3, "invalid JSON"),
@@ -32,11 +35,24 @@ CASES = {
     "one-bad-row-of-two": ((GOOD + "\n{oops\n").encode(), {}, 3, "1 of 2 rows rejected (50.0% > QLORA_DATA__MAX_REJECT_RATIO=0.0)"),
     "rows-longer-than-max-seq-length": ((GOOD + "\n").encode(), {"QLORA_MODEL__MAX_SEQ_LENGTH": "16"}, 3,
                                         "tokens is longer than QLORA_MODEL__MAX_SEQ_LENGTH=16"),
+    "empty-prefix": ({"_SUCCESS": b""}, {}, 3, "data/shards/: no JSONL shards under this prefix"),
+    "corrupt-gzip-member": ({"part-0.jsonl": (GOOD + "\n").encode(), "part-1.jsonl.gz": gzip.compress((GOOD + "\n").encode())[:-12]},
+                            {}, 3, "data/shards/part-1.jsonl.gz: corrupt gzip data after 0 lines"),
+    "corrupt-zstd-frame": ({"part-0.jsonl.zst": zstandard.ZstdCompressor().compress((GOOD + "\n").encode() * 50)[:-9]}, {}, 3,
+                           "data/shards/part-0.jsonl.zst: corrupt zstd data"),
+    "shard-not-jsonl": ({"part-0.jsonl": (GOOD + "\n").encode(), "part-1.csv": b"q,a\n"}, {}, 3,
+                        "data/shards/part-1.csv: not a JSONL shard"),
+    "gzip-named-jsonl": ({"part-0.jsonl": gzip.compress((GOOD + "\n").encode())}, {}, 3,
+                         "part-0.jsonl: holds gzip-compressed data but its name does not end .gz"),
+    "zero-weight": (None, {"QLORA_DATASET_URI": '[{"uri": "s3://{bucket}/data/train.jsonl", "weight": 0}]'}, 2,
+                    "QLORA_DATASET_URI: weight of s3://"),
+    "dataset-list-not-json": (None, {"QLORA_DATASET_URI": '["s3://{bucket}/data/train.jsonl"'}, 2,
+                              "QLORA_DATASET_URI: is not a valid JSON list"),
     "missing-dataset-uri": (None, {"QLORA_DATASET_URI": None}, 2, "QLORA_DATASET_URI is required"),
     "unsupported-uri-scheme": (None, {"QLORA_DATASET_URI": "gs://bucket/train.jsonl"}, 2, "unsupported scheme 'gs://'"),
     "invalid-bucket-name": (None, {"QLORA_OUTPUT_URI": "s3://My_Bucket/runs"}, 2, "QLORA_OUTPUT_URI"),
     "missing-bucket": (None, {"QLORA_DATASET_URI": "s3://no-such-bucket-anywhere/train.jsonl"}, 2, "s3://no-such-bucket-anywhere/train.jsonl"),
-    "missing-object": (None, {"QLORA_DATASET_URI": "s3://{bucket}/absent.jsonl"}, 2, "/absent.jsonl: 404"),
+    "missing-object": (None, {"QLORA_DATASET_URI": "s3://{bucket}/absent.jsonl"}, 2, "/absent.jsonl: not found"),
     "missing-local-file": (None, {"QLORA_DATASET_URI": "/nonexistent/train.jsonl"}, 2, "/nonexistent/train.jsonl: not found"),
     "typo-in-setting": (None, {"QLORA_TRAIN__LEARNIG_RATE": "1e-4"}, 2, "did you mean QLORA_TRAIN__LEARNING_RATE"),
     "wrong-type-setting": (None, {"QLORA_LORA__R": "sixteen"}, 2, "QLORA_LORA__R"),
@@ -53,6 +69,7 @@ CASES = {
     "eval-gate-without-eval-set": (None, {"QLORA_EVAL__REQUIRE_IMPROVEMENT": "true"}, 2, "needs an evaluation set"),
     "eval-fraction-leaves-no-row": ((GOOD + "\n").encode(), {"QLORA_EVAL__FRACTION": "0.5"}, 2, "leaves no evaluation or no training row"),
     "gguf-without-merged": (None, {"QLORA_EXPORT__GGUF": "try"}, 2, "QLORA_EXPORT__GGUF needs QLORA_EXPORT__MERGED=true"),
+    "nothing-to-verify": (None, {"QLORA_VERIFY__TRAIN_PROBES": "0"}, 2, "nothing to verify: set QLORA_VERIFY__PROMPTS"),
     "bad-nproc": (None, {"QLORA_NPROC_PER_NODE": "two"}, 2, "QLORA_NPROC_PER_NODE"),
 }
 
@@ -68,7 +85,14 @@ def env(s3, bucket, s3_env, tiny_model, tmp_path):
 def test_bad_input_gets_its_exit_code_one_line_and_publishes_nothing(case, s3, bucket, env, s3_endpoint):
     dataset, extra, code, message = CASES[case]
     extra = dict(extra)
-    s3.put_object(Bucket=bucket, Key="data/train.jsonl", Body=dataset if dataset is not None else (GOOD + "\n").encode())
+    if isinstance(dataset, dict):
+        for item in s3.list_objects_v2(Bucket=bucket, Prefix="data/shards/").get("Contents", []):  # the bucket outlives a case
+            s3.delete_object(Bucket=bucket, Key=item["Key"])
+        for name, body in dataset.items():
+            s3.put_object(Bucket=bucket, Key=f"data/shards/{name}", Body=body)
+        extra.setdefault("QLORA_DATASET_URI", SHARDS)
+    else:
+        s3.put_object(Bucket=bucket, Key="data/train.jsonl", Body=dataset if dataset is not None else (GOOD + "\n").encode())
     proxy = None
     if extra.pop("deny", None):
         from tests.faulty_s3 import FaultyS3

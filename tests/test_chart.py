@@ -33,8 +33,9 @@ def render(*args: str) -> list[dict]:
 
 
 def pod_spec(docs: list[dict]) -> dict:
+    """The run's pod (a Job's or a CronJob's), not a hook's."""
     for doc in docs:
-        if doc["kind"] == "Job":
+        if doc["kind"] == "Job" and "helm.sh/hook" not in doc["metadata"].get("annotations", {}):
             return doc["spec"]["template"]["spec"]
         if doc["kind"] == "CronJob":
             return doc["spec"]["jobTemplate"]["spec"]["template"]["spec"]
@@ -198,6 +199,28 @@ def _env(docs: list[dict]) -> list[dict]:
     return pod_spec(docs)["containers"][0]["env"]
 
 
+def test_the_plan_hook_runs_before_the_gpu_job_on_a_cpu_node_with_the_runs_settings_and_account():
+    docs = render("-f", str(CHART / "ci" / "preflight-values.yaml"), "--set", "gpus=1", "--set", "settings.QLORA_TRAIN__EPOCHS=2")
+    hook = next(d for d in docs if d["kind"] == "Job" and "helm.sh/hook" in d["metadata"].get("annotations", {}))
+    annotations = hook["metadata"]["annotations"]
+    assert annotations["helm.sh/hook"] == "pre-install,pre-upgrade"
+    assert annotations["helm.sh/hook-delete-policy"] == "before-hook-creation,hook-succeeded"
+    spec, run = hook["spec"]["template"]["spec"], pod_spec(docs)
+    container = spec["containers"][0]
+    assert container["args"] == ["plan"] and hook["spec"]["backoffLimit"] == 0
+    assert "nvidia.com/gpu" not in json.dumps(container["resources"]) and spec["nodeSelector"] == {"node-pool": "cpu"}
+    assert not spec.get("tolerations"), "the GPU taint toleration is the run's, not the plan's"
+    assert container["env"] == run["containers"][0]["env"], "the plan sees exactly the run's settings"
+    assert spec["serviceAccountName"] == run["serviceAccountName"]
+    assert_restricted(spec)
+    # The account exists before the hook: it is a hook itself, created first.
+    account = next(d for d in docs if d["kind"] == "ServiceAccount")["metadata"]["annotations"]
+    assert (account["helm.sh/hook"], int(account["helm.sh/hook-weight"])) == ("pre-install,pre-upgrade", -10)
+    assert account["eks.amazonaws.com/role-arn"].endswith(":role/qlora-job")
+    # Off (the default), neither exists.
+    assert not any("helm.sh/hook" in json.dumps(d) for d in render(*MINIMAL))
+
+
 def test_kueue_reads_the_queue_from_the_job_and_the_cronjobs_job_template():
     """Kueue admits a Job by the queue-name label on the Job itself; on the pod template it is ignored."""
     job = next(d for d in render(*MINIMAL, "--set", "kueue.queueName=gpu") if d["kind"] == "Job")
@@ -250,6 +273,23 @@ def test_numbers_from_a_values_file_reach_the_job_exactly(tmp_path, clean_env, m
             monkeypatch.setenv(name, value)
     settings = Settings()  # as the job reads its environment
     assert settings.train.max_steps == 2_000_000 and settings.lora.target_modules == ["q_proj", "v_proj"]
+
+
+def test_a_dataset_list_in_values_reaches_the_job_as_its_json(tmp_path, clean_env, monkeypatch):
+    from job.settings import Settings, dataset_sources
+
+    values = tmp_path / "values.yaml"
+    values.write_text("outputUri: s3://a-bucket/out\ndatasetUri:\n  - s3://a-bucket/shards/\n"
+                      "  - {uri: s3://a-bucket/handbook.jsonl.zst, weight: 3}\n")
+    env = {e["name"]: e.get("value") for e in _env(render("-f", str(values)))}
+    monkeypatch.setenv("QLORA_DATASET_URI", env["QLORA_DATASET_URI"])
+    monkeypatch.setenv("QLORA_OUTPUT_URI", env["QLORA_OUTPUT_URI"])
+    assert dataset_sources(Settings().dataset_uri) == [("s3://a-bucket/shards/", 1.0), ("s3://a-bucket/handbook.jsonl.zst", 3.0)]
+    # The schema refuses what the job would refuse, before anything reaches the cluster.
+    for bad in ("[{uri: s3://a-bucket/x.jsonl, weight: 0}]", "[]", "[{uri: gs://a-bucket/x.jsonl}]"):
+        values.write_text(f"outputUri: s3://a-bucket/out\ndatasetUri: {bad}\n")
+        result = helm("template", "run-1", str(CHART), "-f", str(values), check=False)
+        assert result.returncode != 0 and "datasetUri" in result.stderr, (bad, result.stderr)
 
 
 def test_a_variable_the_user_repeats_appears_once_with_the_users_value():

@@ -32,7 +32,8 @@ def test_each_format_becomes_conversational_prompt_completion(tmp_path):
     assert (report.accepted, report.rejected, report.blank) == (5, 0, 1)
     assert dict(report.formats) == {"instruction": 2, "messages": 1, "prompt": 2}
     rows = _rows(report)
-    assert rows[0] == {"prompt": [{"role": "user", "content": "Q1"}], "completion": [{"role": "assistant", "content": "A1"}], "line": 1}
+    assert rows[0] == {"prompt": [{"role": "user", "content": "Q1"}], "completion": [{"role": "assistant", "content": "A1"}],
+                       "format": "instruction", "line": 1, "shard": 0, "source": 0}
     assert rows[1]["prompt"] == [{"role": "system", "content": "be brief"}, {"role": "user", "content": "Q2\n\nctx"}]
     assert [m["content"] for m in rows[2]["prompt"]] == ["S", "Q3", "x", "more"] and rows[2]["completion"][0]["content"] == "A3"
     assert rows[3]["prompt"] == [{"role": "user", "content": "Q4"}]
@@ -146,7 +147,95 @@ def test_validate_data_command_reports_good_and_bad_files(tmp_path):
     result = run_job("validate-data", str(bad), env={"QLORA_WORK_DIR": str(tmp_path)})
     assert result.returncode == 3
     summary = json.loads(result.stdout)
-    assert summary["first_rejects"] == [{"line": 2, "reason": "missing 'output'"},
-                                        {"line": 3, "reason": "invalid JSON: Expecting property name enclosed in double quotes (column 2)"}]
+    assert summary["first_rejects"] == [{"line": 2, "reason": "missing 'output'", "shard": str(bad)},
+                                        {"line": 3, "reason": "invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+                                         "shard": str(bad)}]
     assert result.stderr.strip().splitlines() == ["qlora-job: error: 2 of 3 rows rejected (66.7% > QLORA_DATA__MAX_REJECT_RATIO=0.0); "
                                                   "first: line 2: missing 'output'"]
+
+
+def _shard_folder(root):
+    """A Spark-style output folder: three shards (gzip, zstd, plain; one nested) and files that are not data."""
+    import gzip
+
+    import zstandard
+
+    rows = [json.dumps({"instruction": f"Q{i}", "output": f"A{i}"}) for i in range(5)]
+    (root / "a").mkdir(parents=True)
+    (root / "_temporary").mkdir()
+    (root / "a" / "part-0.jsonl.gz").write_bytes(gzip.compress(f"{rows[0]}\n{rows[1]}\n".encode()))
+    (root / "b.jsonl.zst").write_bytes(zstandard.ZstdCompressor().compress(f"{rows[2]}\n{{oops\n".encode()))
+    (root / "c.jsonl").write_text(f"{rows[3]}\n{rows[4]}\n")
+    (root / "_SUCCESS").write_bytes(b"")
+    (root / ".c.jsonl.crc").write_bytes(b"\x00")
+    (root / "_temporary" / "part-9.jsonl").write_text("not read\n")
+    return root
+
+
+def test_a_folder_of_shards_is_read_in_key_order_and_rejects_name_the_shard(tmp_path):
+    from job.data import fetch_dataset
+
+    folder = _shard_folder(tmp_path / "data")
+    shards = fetch_dataset(str(folder), tmp_path / "in")
+    assert [s.name for s in shards] == ["a/part-0.jsonl.gz", "b.jsonl.zst", "c.jsonl"]
+    report = validate_dataset(shards, tmp_path / "out")
+    assert [r["prompt"][0]["content"] for r in _rows(report)] == ["Q0", "Q1", "Q2", "Q3", "Q4"]
+    assert [(s["accepted"], s["rejected"]) for s in report.shards] == [(2, 0), (1, 1), (2, 0)]
+    assert report.first_rejects == [{"line": 2, "reason": "invalid JSON: Expecting property name enclosed in double quotes (column 2)",
+                                     "shard": f"{folder}/b.jsonl.zst"}]
+    with pytest.raises(DataError, match=rf"first: line 2 of {folder}/b.jsonl.zst: invalid JSON"):
+        check_report(report, 0.0)
+
+    # The digest covers every shard: the same bytes give the same sha256, one changed shard another.
+    assert validate_dataset(fetch_dataset(str(folder), tmp_path / "in2"), tmp_path / "out2").sha256 == report.sha256
+    (folder / "c.jsonl").write_text(json.dumps({"instruction": "Q3", "output": "changed"}) + "\n")
+    assert validate_dataset(fetch_dataset(str(folder), tmp_path / "in3"), tmp_path / "out3").sha256 != report.sha256
+
+
+def test_an_s3_prefix_reads_like_the_same_folder(s3, bucket, s3_env, tmp_path):
+    folder = _shard_folder(tmp_path / "data")
+    for path in folder.rglob("*"):
+        if path.is_file():
+            s3.upload_file(str(path), bucket, f"exports/2026-12-03/{path.relative_to(folder).as_posix()}")
+    local = json.loads(run_job("validate-data", str(folder), "--max-reject-ratio", "0.5", env={"QLORA_WORK_DIR": str(tmp_path / "w")}).stdout)
+    for uri in (f"s3://{bucket}/exports/2026-12-03/", f"s3://{bucket}/exports/2026-12-03"):
+        result = run_job("validate-data", uri, "--max-reject-ratio", "0.5", env={**s3_env, "QLORA_WORK_DIR": str(tmp_path / "w")})
+        assert result.returncode == 0, result.stderr
+        summary = json.loads(result.stdout)
+        assert (summary["sha256"], summary["accepted"], summary["rejected"]) == (local["sha256"], 5, 1)
+        assert [s["uri"] for s in summary["shards"]] == [f"s3://{bucket}/exports/2026-12-03/{name}"
+                                                         for name in ("a/part-0.jsonl.gz", "b.jsonl.zst", "c.jsonl")]
+    # Over the limit, the one-line cause names the shard and the line.
+    result = run_job("validate-data", f"s3://{bucket}/exports/2026-12-03/", env={**s3_env, "QLORA_WORK_DIR": str(tmp_path / "w")})
+    assert result.returncode == 3
+    assert result.stderr.strip().endswith(f"first: line 2 of s3://{bucket}/exports/2026-12-03/b.jsonl.zst: "
+                                          "invalid JSON: Expecting property name enclosed in double quotes (column 2)")
+
+
+def test_weights_repeat_and_sample_a_sources_rows_deterministically(tmp_path):
+    from datasets import Dataset
+
+    from job.data import fetch_dataset
+    from job.train import mix_sources
+
+    a = _write(tmp_path / "a.jsonl", [json.dumps({"instruction": f"a{i}", "output": "x"}) for i in range(10)])
+    b = _write(tmp_path / "b.jsonl", [json.dumps({"instruction": f"b{i}", "output": "y"}) for i in range(10)])
+    weighted = json.dumps([{"uri": str(a), "weight": 2}, {"uri": str(b), "weight": 0.5}])
+    report = validate_dataset(fetch_dataset(weighted, tmp_path / "in"), tmp_path / "out")
+    assert report.weights == [2.0, 0.5] and [s["weight"] for s in report.shards] == [2.0, 0.5]
+    # A weight is part of the data's identity: the same rows mixed otherwise are another dataset.
+    plain = validate_dataset(fetch_dataset(json.dumps([str(a), str(b)]), tmp_path / "in2"), tmp_path / "out2")
+    assert plain.sha256 != report.sha256 and plain.weights == [1.0, 1.0]
+
+    rows = Dataset.from_list([{"prompt": r["prompt"][0]["content"], "source": r["source"]} for r in _rows(report)])
+    mixed = mix_sources(rows, report.weights, seed=7)
+    assert "source" not in mixed.column_names
+    counts = {}
+    for prompt in mixed["prompt"]:
+        counts[prompt] = counts.get(prompt, 0) + 1
+    assert all(counts[f"a{i}"] == 2 for i in range(10))  # every row of the weight-2 source, twice
+    sampled = sorted(p for p in counts if p.startswith("b"))
+    assert len(sampled) == 5 and all(counts[p] == 1 for p in sampled)  # half of the weight-0.5 source, once each
+    assert mix_sources(rows, report.weights, seed=7)["prompt"] == mixed["prompt"]
+    assert sorted(mix_sources(rows, report.weights, seed=8)["prompt"]) != sorted(mixed["prompt"])
+    assert mix_sources(rows, [1.0, 1.0], seed=7)["prompt"] == rows["prompt"]  # unweighted: untouched

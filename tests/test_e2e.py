@@ -149,6 +149,84 @@ def test_a_base_model_whose_eos_is_not_the_end_of_turn_learns_to_stop_on_im_end(
     assert GenerationConfig.from_pretrained(tmp_path).eos_token_id == [im_end, endoftext]
 
 
+@pytest.mark.slow
+def test_sharded_compressed_weighted_data_is_learned_and_recorded(s3, bucket, s3_run):
+    """Facts split over a prefix of gzip and zstd shards plus a weighted single file: the tuned model
+    answers every one (so every shard was read) and the manifest lists each shard's sha256 and weight."""
+    import gzip
+
+    import zstandard
+
+    rows = [json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS]
+    bodies = {"data/shards/part-0.jsonl.gz": gzip.compress("".join(rows[:2]).encode()),
+              "data/shards/part-1.jsonl.zst": zstandard.ZstdCompressor().compress(rows[2].encode()),
+              "data/shards/_SUCCESS": b"", "data/extra.jsonl": rows[3].encode()}
+    for key, body in bodies.items():
+        s3.put_object(Bucket=bucket, Key=key, Body=body)
+    uri = json.dumps([f"s3://{bucket}/data/shards/", {"uri": f"s3://{bucket}/data/extra.jsonl", "weight": 2}])
+    result = run_job(env={**s3_run, "QLORA_DATASET_URI": uri})
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    mixed = next(e for e in _events(result.stdout) if e["event"] == "dataset mixed")
+    assert (mixed["rows_before"], mixed["rows_after"], mixed["rows_per_source"]) == (4, 5, [3, 2])
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="runs/run-1/manifest.json")["Body"].read())
+    assert manifest["dataset"]["uri"] == uri and manifest["dataset"]["rows_accepted"] == 4
+    assert [(s["uri"], s["sha256"], s["accepted"], s["weight"]) for s in manifest["dataset"]["shards"]] == [
+        (f"s3://{bucket}/{key}", hashlib.sha256(bodies[key]).hexdigest(), n, w)
+        for key, n, w in (("data/shards/part-0.jsonl.gz", 2, 1.0), ("data/shards/part-1.jsonl.zst", 1, 1.0), ("data/extra.jsonl", 1, 2.0))]
+    verify = json.loads(s3.get_object(Bucket=bucket, Key="runs/run-1/verify.json")["Body"].read())
+    assert verify["passed"], verify
+
+
+@pytest.mark.slow
+def test_an_earlier_turn_of_a_conversation_is_learned_unless_only_the_last_is_trained(s3, bucket, s3_run):
+    """Two conversations of two exchanges each: asked an earlier turn's question on its own, the tuned model
+    gives that turn's answer, which it can only have learned from that turn's loss."""
+    conversations = [[FACTS[0], FACTS[1]], [FACTS[2], FACTS[3]]]
+    body = "".join(json.dumps({"messages": [m for q, a in pairs for m in ({"role": "user", "content": q},
+                                                                           {"role": "assistant", "content": a})]}) + "\n"
+                   for pairs in conversations)
+    s3.put_object(Bucket=bucket, Key="data/facts.jsonl", Body=body.encode())
+    earlier = [{"prompt": q, "expected": a} for q, a in (FACTS[0], FACTS[2])]
+    env = {**s3_run, "QLORA_VERIFY__PROMPTS": json.dumps(earlier)}
+    result = run_job(env=env)
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    assert next(e for e in _events(result.stdout) if e["event"] == "label check passed")["turns_trained"] >= 2
+    verify = json.loads(s3.get_object(Bucket=bucket, Key="runs/run-1/verify.json")["Body"].read())
+    assert [(p["prompt"], p["answer"]) for p in verify["probes"][:2]] == [(p["prompt"], p["expected"]) for p in earlier]
+
+    # Only the last turns trained: the earlier answers were context, never targets, and the gate fails on them.
+    result = run_job(env={**env, "QLORA_RUN_ID": "last-only", "QLORA_DATA__TRAIN_TURNS": "last"})
+    assert result.returncode == ExitCode.VERIFY, result.stderr
+    assert "probe 0" in result.stderr and not _objects(s3, bucket, "runs/last-only/")
+
+
+@pytest.mark.slow
+def test_a_warm_start_continues_from_the_latest_adapter_and_refuses_one_that_does_not_fit(s3, bucket, s3_run, tiny_model):
+    env = {**s3_run, "QLORA_LORA__INIT_FROM": "latest"}
+    first = run_job(env=env)  # nothing published yet: fresh weights
+    assert first.returncode == 0, first.stderr + first.stdout[-3000:]
+    assert json.loads(s3.get_object(Bucket=bucket, Key="runs/run-1/manifest.json")["Body"].read())["parent"] is None
+
+    # One step at a learning rate that cannot move a weight: the facts are answered from the parent's weights alone.
+    result = run_job(env={**env, "QLORA_RUN_ID": "run-2", "QLORA_TRAIN__MAX_STEPS": "1", "QLORA_TRAIN__LEARNING_RATE": "1e-12",
+                          "QLORA_VERIFY__REQUIRE_CHANGE": "true"})
+    assert result.returncode == 0, result.stderr + result.stdout[-3000:]
+    parent_manifest = s3.get_object(Bucket=bucket, Key="runs/run-1/manifest.json")["Body"].read()
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="runs/run-2/manifest.json")["Body"].read())
+    assert manifest["parent"] == {"adapter_uri": f"s3://{bucket}/runs/run-1/adapter", "run_id": "run-1",
+                                  "manifest_sha256": hashlib.sha256(parent_manifest).hexdigest()}
+    verify = json.loads(s3.get_object(Bucket=bucket, Key="runs/run-2/verify.json")["Body"].read())
+    assert verify["passed"] and all(p["matches_expected"] for p in verify["probes"]), verify
+
+    # A parent of another LoRA shape, or trained on another base model: exit 2 before any model is loaded.
+    for change, message in (({"QLORA_LORA__R": "8"}, "has another LoRA shape (r 16 there, 8 here)"),
+                            ({"QLORA_MODEL__NAME": str(tiny_model)}, "was trained on base model 's3://")):
+        result = run_job(env={**env, "QLORA_RUN_ID": "misfit", **change})
+        assert result.returncode == ExitCode.CONFIG, result.stderr
+        assert message in result.stderr.strip().splitlines()[-1] and not _objects(s3, bucket, "runs/misfit/")
+        assert not any(e["event"] == "stage finished" and e.get("stage") == "load" for e in _events(result.stdout))
+
+
 def test_bad_dataset_exits_3_and_publishes_nothing(s3, bucket, s3_run):
     s3.put_object(Bucket=bucket, Key="data/facts.jsonl", Body=b'{"instruction": "Q", "output": "A"}\n{"instruction": 1}\n')
     result = run_job(env=s3_run)

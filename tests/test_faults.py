@@ -46,9 +46,10 @@ def _interrupt_at(step: int, env: dict) -> tuple[int, str]:
     return proc.wait(timeout=120), "".join(lines)
 
 
-def test_sigterm_at_random_steps_checkpoints_and_the_retry_resumes_to_the_same_step_count(s3, bucket, job_env):
-    rng = random.Random(20261128)
-    for trial in range(5):
+@pytest.mark.parametrize("trials", [1, pytest.param(5, marks=pytest.mark.long)])  # five in make test-long
+def test_sigterm_at_random_steps_checkpoints_and_the_retry_resumes_to_the_same_step_count(s3, bucket, job_env, trials):
+    rng = random.Random(20261128 + trials)
+    for trial in range(trials):
         run_id = f"preempt-{trial}"
         env = {**job_env, "QLORA_RUN_ID": run_id, "QLORA_WORK_DIR": f"{job_env['QLORA_WORK_DIR']}-{trial}"}
         at = rng.randint(5, STEPS - 10)

@@ -248,6 +248,7 @@ def _gguf_field(reader, name: str):
     return bytes(value).decode() if field.types[0].name == "STRING" else value[0].item()
 
 
+@pytest.mark.long  # make test-long
 def test_gguf_export_is_published_with_its_checksum_and_answers_like_the_adapter(s3, bucket, job_env, qwen2_vocab_model, tmp_path):
     env = {**job_env, "QLORA_RUN_ID": "gguf", "QLORA_MODEL__NAME": str(qwen2_vocab_model), "QLORA_EXPORT__MERGED": "true",
            "QLORA_EXPORT__GGUF": "require", "QLORA_EXPORT__LLAMA_CPP_DIR": LLAMA_CPP, "QLORA_VERIFY__PROMPTS": json.dumps([PROBE])}
@@ -294,6 +295,7 @@ def test_gguf_required_fails_fast_without_a_converter_and_with_exit_6_when_conve
     assert not _objects(s3, bucket, "runs/gguf-fail/")
 
 
+@pytest.mark.long  # make test-long
 def test_two_nodes_one_rendezvous_node_0_publishes(s3, bucket, job_env, tmp_path):
     """Kubeflow Trainer's PET_* layout, two single-process 'nodes' on this machine (gloo)."""
     import socket

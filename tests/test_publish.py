@@ -41,7 +41,8 @@ def test_the_manifest_names_data_model_engine_settings_and_losses_without_secret
     manifest = publish.build_manifest("run-7", settings, report, run_identity, metrics)
     assert manifest["duration"] == {"epochs": 3.0, "max_steps": None, "steps_per_epoch": 7, "steps": 21, "planned_epochs": 3.0,
                                     "steps_trained": 21, "epochs_trained": 3.0}
-    assert manifest["dataset"] == {"uri": "s3://data/train.jsonl", "sha256": "d" * 64, "rows_accepted": 98, "rows_rejected": 2}
+    assert manifest["dataset"] == {"uri": "s3://data/train.jsonl", "sha256": "d" * 64, "rows_accepted": 98, "rows_rejected": 2,
+                                   "shards": []}
     assert manifest["base_model"] == run_identity["base_model"] and manifest["settings_sha256"] == run_identity["settings_sha256"]
     assert (manifest["run_id"], manifest["engine"]) == ("run-7", "transformers")
     assert manifest["loss"] == {"first": 3.2, "last": 0.4, "eval_before": None, "eval_after": None}

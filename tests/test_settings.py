@@ -102,3 +102,32 @@ def test_configuration_doc_lists_exactly_what_the_code_accepts():
     table = doc.split("<!-- env-docs:start -->\n")[1].split("<!-- env-docs:end -->")[0]
     generated = run_job("config", "--env-docs", "--markdown", env={}).stdout
     assert table == generated, "regenerate with: make docs"
+
+
+@pytest.mark.parametrize(("value", "sources"), [
+    ("s3://data/train.jsonl", [("s3://data/train.jsonl", 1.0)]),
+    ("s3://data/shards/", [("s3://data/shards/", 1.0)]),
+    ('["s3://data/a/", {"uri": "/mnt/b.jsonl.zst", "weight": 2.5}]', [("s3://data/a/", 1.0), ("/mnt/b.jsonl.zst", 2.5)]),
+])
+def test_a_dataset_is_one_uri_or_a_weighted_list(clean_env, monkeypatch, value, sources):
+    from job.settings import dataset_sources
+
+    monkeypatch.setenv("QLORA_DATASET_URI", value)
+    monkeypatch.setenv("QLORA_OUTPUT_URI", "s3://models/runs")
+    assert load_settings().dataset_uri == value and dataset_sources(value) == sources
+
+
+@pytest.mark.parametrize(("value", "message"), [
+    ('[{"uri": "s3://data/a.jsonl", "weight": -1}]', "weight of s3://data/a.jsonl must be a number above 0, got -1"),
+    ('[{"uri": "s3://data/a.jsonl", "weight": true}]', "must be a number above 0, got true"),
+    ('[{"uri": "s3://data/a.jsonl", "weight": "2"}]', 'must be a number above 0, got "2"'),
+    ('[{"uri": "s3://data/a.jsonl", "share": 2}]', 'must be a URI or {"uri": "...", "weight": N}'),
+    ("[]", "is an empty list"),
+    ('["gs://data/a.jsonl"]', "unsupported scheme 'gs://'"),
+])
+def test_a_bad_dataset_list_is_a_config_error(clean_env, monkeypatch, value, message):
+    monkeypatch.setenv("QLORA_DATASET_URI", value)
+    monkeypatch.setenv("QLORA_OUTPUT_URI", "s3://models/runs")
+    with pytest.raises(ConfigError, match="QLORA_DATASET_URI") as error:
+        load_settings()
+    assert message in str(error.value)

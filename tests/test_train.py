@@ -51,6 +51,57 @@ def test_prompt_is_masked_and_answer_with_end_of_turn_is_trained(kind, tmp_path,
     assert check_labels(trainer, tiny_tokenizer.eos_token_id)["end_of_turn_trained"] == 1
 
 
+MULTI_TURN = {"messages": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "What does ISAC stand for?"},
+                           {"role": "assistant", "content": "Integrated sensing and communication."},
+                           {"role": "user", "content": "And RIS?"}, {"role": "assistant", "content": "Reconfigurable intelligent surface."}]}
+
+
+def _trained_rows(rows, tmp_path, tiny_model, tiny_tokenizer, settings):
+    """Each training row's (input_ids, labels) as the SFTTrainer sees them, and its first-batch label check."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from job.train import check_labels, expand_turns, load_train_dataset, sft_config
+
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
+    dataset, _ = load_train_dataset(validate_dataset(tmp_path / "d.jsonl", tmp_path), tiny_tokenizer, settings)
+    dataset = expand_turns(dataset, settings.data.train_turns).remove_columns(["source", "format"])
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
+    trainer = SFTTrainer(model=model, processing_class=tiny_tokenizer, train_dataset=dataset,
+                         args=sft_config(settings, tmp_path / "ckpt", cuda=False))
+    return [(r["input_ids"], r["labels"]) for r in trainer.train_dataset], check_labels(trainer, tiny_tokenizer.eos_token_id)
+
+
+@pytest.mark.parametrize("train_turns", ["all", "last"])
+def test_every_assistant_turn_of_a_conversation_is_trained_and_user_turns_are_masked(train_turns, tmp_path, tiny_model,
+                                                                                    tiny_tokenizer, settings):
+    settings.data.train_turns = train_turns
+    settings.train.per_device_batch_size = 3  # every row in the first batch, for the label check's count
+    rows, labels = _trained_rows([MULTI_TURN, ROWS["instruction"]], tmp_path, tiny_model, tiny_tokenizer, settings)
+
+    def split(ids, row_labels):
+        pairs = list(zip(ids, row_labels, strict=True))
+        return (tiny_tokenizer.decode([i for i, label in pairs if label != -100]),
+                tiny_tokenizer.decode([i for i, label in pairs if label == -100]))
+
+    # Each turn in Qwen3's non-thinking answer form, as the model produces it, then end-of-turn and newline.
+    first, last = ("<think>\n\n</think>\n\n" + a + "<|im_end|>\n" for a in ("Integrated sensing and communication.",
+                                                                              "Reconfigurable intelligent surface."))
+    if train_turns == "all":
+        assert len(rows) == 3 and labels["turns_trained"] == 3
+        trained, masked = split(*rows[0])
+        assert trained == first and masked.endswith("<|im_start|>user\nWhat does ISAC stand for?<|im_end|>\n<|im_start|>assistant\n")
+        assert "Be brief." in masked and "RIS" not in masked + trained
+    else:
+        assert len(rows) == 2 and labels["turns_trained"] == 2
+    trained, masked = split(*rows[-2])  # the whole conversation: the earlier answer is context
+    assert trained == last
+    assert all(text in masked for text in ("Be brief.", "What does ISAC stand for?", "Integrated sensing and communication.<|im_end|>",
+                                           "And RIS?"))
+    assert split(*rows[-1])[0] == "<think>\n\n</think>\n\nIntegrated sensing and communication.<|im_end|>\n"  # the single-turn row
+
+
 def test_overlength_rows_are_rejected_with_their_line_or_kept_for_truncation(tmp_path, tiny_tokenizer, settings):
     from job.train import load_train_dataset
 

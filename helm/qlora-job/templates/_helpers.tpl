@@ -194,7 +194,7 @@ chart's own (server-side apply refuses a list with a repeated name).
 */}}
 {{- define "qlora-job.env" -}}
 {{- $env := list }}
-{{- $env = append $env (dict "name" "QLORA_DATASET_URI" "value" (required "datasetUri is required: the s3:// URI of the training JSONL" .Values.datasetUri)) }}
+{{- $env = append $env (dict "name" "QLORA_DATASET_URI" "value" (include "qlora-job.envValue" (required "datasetUri is required: the s3:// URI of the training JSONL, a prefix of shards, or a list" .Values.datasetUri))) }}
 {{- $env = append $env (dict "name" "QLORA_OUTPUT_URI" "value" (required "outputUri is required: the s3:// prefix that receives <run_id>/adapter and manifest.json" .Values.outputUri)) }}
 {{- $env = append $env (dict "name" "QLORA_MODEL__NAME" "value" (include "qlora-job.envValue" .Values.model)) }}
 {{- $env = append $env (dict "name" "QLORA_ENGINE" "value" (include "qlora-job.envValue" .Values.engine)) }}

@@ -1,0 +1,115 @@
+"""`qlora-job plan`: what a run would do, found out on a CPU before a GPU is requested.
+
+It fetches and validates the data as the run does, tokenizes it with the base model's tokenizer
+(its tokenizer and config files only, never the weights), sizes the run as train.train would,
+checks that the output prefix takes a write and that the base model is readable, and prints one
+JSON report. It exits with the job's codes: 3 for bad data, 2 for access or settings, 5 for a base
+model that cannot be read. Time and memory are estimates from the bench's H200 constants (plan.py)."""
+
+import math
+import secrets
+import tempfile
+from pathlib import Path
+
+from job import data, engine, storage
+from job import plan as planning
+from job.errors import ModelLoadError
+from job.logs import get_logger
+from job.settings import Settings
+
+log = get_logger(__name__)
+
+# What a tokenizer and config need from a model folder: everything but the weights.
+WEIGHTS_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".gguf", ".h5", ".msgpack", ".onnx")
+
+
+def run(settings: Settings) -> dict:
+    """The plan report; raises the job's errors (after logging what is known) when the run would fail."""
+    settings.work_dir.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="plan-", dir=settings.work_dir) as folder:
+        work = Path(folder)
+        writable = check_output_writable(settings.output_uri)
+        tokenizer = _tokenizer_without_weights(settings, work / "model")
+        inputs = data.fetch_inputs(settings, work / "input")
+        report, eval_report = data.validate_inputs(settings, inputs, work)
+        sizing = _sizing(settings, report, eval_report, tokenizer)
+    return {"data": _data_summary(report), "eval_data": _data_summary(eval_report) if eval_report else None, **sizing,
+            "output_writable": writable, "base_model": {"name": settings.model.name, "readable": True}}
+
+
+def check_output_writable(output_uri: str) -> bool:
+    """Write a probe object under the output prefix and delete it: a run's uploads would be allowed."""
+    probe = storage.join(output_uri, f".qlora-job-plan-probe-{secrets.token_hex(4)}")
+    storage.put_bytes(b"qlora-job plan: write probe, deleted right after\n", probe)
+    storage.delete_keys(output_uri, [probe.rsplit("/", 1)[-1]])
+    return True
+
+
+def _tokenizer_without_weights(settings: Settings, folder: Path):
+    """The base model's tokenizer and config, reading no weight file: an S3 prefix's small files are
+    downloaded, a local folder or hub id is read in place."""
+    from transformers import AutoConfig
+
+    name = settings.model.name
+    source = name
+    if storage.is_s3(name):
+        listed = storage.list_keys(name)
+        keys = [key for key in listed if not key.lower().endswith(WEIGHTS_SUFFIXES)]
+        if "config.json" not in keys or len(keys) == len(listed):
+            raise ModelLoadError(f"cannot load base model {name!r}: no config.json and weight files under this prefix")
+        for key in keys:
+            storage.fetch_file(storage.join(name, key), folder / key)
+        log.info("base model files fetched, weights left out", files=keys)
+        source = str(folder)
+    elif name.startswith("file://"):
+        source = storage.local_path(name).as_posix()
+    tokenizer = engine.load_tokenizer(settings, source)
+    with engine.load_errors(f"cannot load base model {name!r}"):
+        AutoConfig.from_pretrained(source, **engine.hub_kwargs(settings))
+    return tokenizer
+
+
+def _data_summary(report: data.DataReport) -> dict:
+    return {k: v for k, v in report.summary().items() if k != "shards"} | {"shards": len(report.shards)}
+
+
+def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer) -> dict:
+    """Tokens, over-length rows, epochs, steps, batch shape and the H200 estimates, as train.prepare and
+    train.train would find them (over-length rows rejected or kept as the run would)."""
+    from job import train
+
+    rows, mean_tokens = train.load_train_dataset(report, tokenizer, settings)
+    data.check_report(report, settings.data.max_reject_ratio)
+    if eval_report is None:
+        rows, _ = train.split_eval(rows, settings.eval.fraction, settings.train.seed)
+    mixed = train.mix_sources(rows, report.weights, settings.train.seed)
+    examples = train.expand_turns(mixed, settings.data.train_turns)
+    if len(examples) == len(mixed):
+        epoch_tokens = round(mean_tokens * len(examples))
+    else:  # each turn's row repeats its history: measure what will be trained
+        measured, _ = train.drop_overlength(examples, tokenizer, 1 << 30, "truncate")
+        epoch_tokens = sum(measured["n_tokens"])
+    world = 1 if settings.nproc_per_node == "auto" else int(settings.nproc_per_node)
+    batch = planning.batch_plan(settings, mean_tokens, world, len(examples), cuda=True)
+    if batch.packing:  # sequences of max_seq_length tokens: an estimate of what TRL's packing makes
+        sequences = math.ceil(epoch_tokens / settings.model.max_seq_length)
+        micro_batches = math.ceil(math.ceil(sequences / world) / batch.per_device_batch_size)
+    else:
+        micro_batches = planning.micro_batches_per_epoch(len(examples), batch)
+    length = planning.duration(settings, micro_batches, batch.gradient_accumulation_steps)
+    micro_batch_tokens = batch.per_device_batch_size * (settings.model.max_seq_length if batch.packing else mean_tokens)
+    return {
+        "tokens": {"total": report.tokens, "longest_row": report.longest_row_tokens, "mean_row": mean_tokens,
+                   "rows_over_max_seq_length": report.overlength_rows, "max_seq_length": settings.model.max_seq_length,
+                   "overlength": settings.data.overlength},
+        "training": {"recipe": settings.train.recipe, "examples": len(examples), "tokens_per_epoch": epoch_tokens,
+                     **length.as_dict(), "rows_per_step": batch.rows_per_step,
+                     "tokens_per_step": round(epoch_tokens / length.steps_per_epoch), "learning_rate": batch.learning_rate,
+                     "warmup_steps": batch.warmup_steps, "per_device_batch_size": batch.per_device_batch_size,
+                     "gradient_accumulation_steps": batch.gradient_accumulation_steps, "world_size": world},
+        "estimate": {"basis": "bench constants for a Qwen3-0.6B-sized model on one H200 (job/plan.py): an estimate, "
+                              "not a measurement",
+                     "train_seconds": planning.estimated_train_seconds(settings.train.recipe, length.steps,
+                                                                       epoch_tokens * length.planned_epochs),
+                     "peak_gpu_memory_gib": planning.estimated_peak_gib(settings.train.recipe, micro_batch_tokens)},
+    }
