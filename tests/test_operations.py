@@ -186,7 +186,7 @@ def test_held_out_evaluation_and_its_gate(s3, bucket, job_env, tmp_path):
     assert _json(s3, bucket, "runs/eval-ok/manifest.json")["loss"]["eval_after"] == metrics["eval_loss_after"]
 
     # A learning rate too small to move the weights: eval loss does not improve -> exit 4, nothing published.
-    result = run_job(env={**env, "QLORA_RUN_ID": "eval-flat", "QLORA_TRAIN__LEARNING_RATE": "1e-12",
+    result = run_job(env={**env, "QLORA_RUN_ID": "eval-flat", "QLORA_TRAIN__LEARNING_RATE": "1e-12", "QLORA_TRAIN__MAX_STEPS": "10",
                           "QLORA_VERIFY__REQUIRE_CHANGE": "false"})
     assert result.returncode == ExitCode.VERIFY, result.stderr
     assert "eval loss did not improve" in result.stderr.strip().splitlines()[-1]
