@@ -127,6 +127,7 @@ def faulty(s3_endpoint):
     proxy.close()
 
 
+@pytest.mark.long  # make test-long
 def test_slow_and_erroring_s3_recovers_through_retries(s3, bucket, job_env, faulty):
     faulty.every = 3  # one request in three answers 503 SlowDown
     faulty.delay = 0.2  # and every request takes 200 ms more

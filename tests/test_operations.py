@@ -128,6 +128,7 @@ def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
     return scalars
 
 
+@pytest.mark.long  # make test-long
 def test_pushgateway_tensorboard_and_loss_curve_png(s3, bucket, job_env, tmp_path):
     gateway = PushRecorder()
     env = {**job_env, "QLORA_RUN_ID": "observed", "QLORA_METRICS__PUSHGATEWAY_URL": f"http://127.0.0.1:{gateway.server_port}",
@@ -161,6 +162,7 @@ def test_pushgateway_tensorboard_and_loss_curve_png(s3, bucket, job_env, tmp_pat
     assert len(scalars["train/loss"]) == 150 and scalars["train/loss"][-1] < scalars["train/loss"][0]
 
 
+@pytest.mark.long  # make test-long
 def test_unreachable_pushgateway_is_a_warning_and_missing_integration_is_exit_2(s3, bucket, job_env):
     result = run_job(env={**job_env, "QLORA_RUN_ID": "no-gateway", "QLORA_METRICS__PUSHGATEWAY_URL": "http://127.0.0.1:9"})
     assert result.returncode == 0, result.stderr
@@ -196,6 +198,7 @@ def test_held_out_evaluation_and_its_gate(s3, bucket, job_env, tmp_path):
     assert result.returncode == ExitCode.CONFIG and "needs an evaluation set" in result.stderr
 
 
+@pytest.mark.long  # make test-long
 def test_merged_export_reloads_with_plain_transformers_and_reproduces_the_answer(s3, bucket, job_env, tmp_path):
     env = {**job_env, "QLORA_RUN_ID": "merged", "QLORA_EXPORT__MERGED": "true",
            "QLORA_VERIFY__PROMPTS": json.dumps([PROBE]), "QLORA_EXPORT__GGUF": "try",
@@ -282,6 +285,7 @@ def test_gguf_export_is_published_with_its_checksum_and_answers_like_the_adapter
     assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == PROBE["expected"]
 
 
+@pytest.mark.long  # make test-long
 def test_gguf_required_fails_fast_without_a_converter_and_with_exit_6_when_conversion_fails(s3, bucket, job_env):
     result = run_job(env={**job_env, "QLORA_RUN_ID": "gguf-none", "QLORA_EXPORT__MERGED": "true",
                           "QLORA_EXPORT__GGUF": "require", "QLORA_EXPORT__LLAMA_CPP_DIR": "/nonexistent"})
