@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 
 from job import storage
-from job.errors import EXIT_CODES, ConfigError, ExitCode, JobError, one_line
+from job.errors import EXIT_CODES, ConfigError, ExitCode, JobError, NotPromoted, one_line
 from job.logs import Stages, bind, configure_logging, get_logger
 from job.settings import Settings, dataset_sources, env_docs, load_settings, redacted
 
@@ -28,7 +28,7 @@ def new_run_id() -> str:
 
 def run(settings: Settings, run_id: str, push) -> ExitCode:
     """One fine-tuning run, a stage a line (docs/design.md, "How one run flows")."""
-    from job import data, engine, export, observe, publish, retrain, train, verify, warmstart
+    from job import data, engine, evaluate, export, observe, publish, retrain, train, verify, warmstart
 
     run_uri, work = storage.join(settings.output_uri, run_id), settings.work_dir / run_id
     out = work / "publish"  # exactly what gets uploaded
@@ -60,18 +60,26 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
         if metrics.train is None:
             return ExitCode.OK  # not node 0, which verifies and publishes
         train.check_eval(metrics.train, settings.eval.require_improvement)
-        with stage("verify"):
-            probes, adapter_report = verify.verify_run(settings, spec.engine, source, spec.adapter_dir, metrics.data.train_path, out)
+        with engine.reloaded(settings, spec.engine, source, spec.adapter_dir) as tuned:
+            with stage("verify"):
+                probes, adapter_report = verify.verify_run(settings, tuned.model, tuned.tokenizer, metrics.data.train_path, out)
+            with stage("evaluate"):
+                metrics.evaluation = evaluate.evaluate_run(settings, tuned.model, tuned.tokenizer, spec.eval_dataset,
+                                                           identity["base_model"], run_id, work, out)
+                push.update(force=True, **evaluate.gauges(metrics.evaluation))
         if settings.export.merged:
             with stage("export"):
                 export.export_run(settings, spec.engine, source, out, probes, adapter_report, gguf_converter)
     with stage("publish"):
-        publish_outputs(settings, run_id, run_uri, out, metrics, identity)
+        promoted = publish_outputs(settings, run_id, run_uri, out, metrics, identity)
+    if not promoted and settings.promotion.fail_when_not_promoted:
+        raise NotPromoted(f"published but not promoted: {metrics.evaluation['promotion']['reason']}")
     return ExitCode.OK
 
 
-def publish_outputs(settings: Settings, run_id: str, run_uri: str, out: Path, metrics, identity: dict) -> None:
-    """Upload the run's folder with its manifest last, then move latest.json and apply the retention."""
+def publish_outputs(settings: Settings, run_id: str, run_uri: str, out: Path, metrics, identity: dict) -> bool:
+    """Upload the run's folder with its manifest last, then move latest.json if the run is promoted and apply
+    the retention (never to the champion). Returns whether the run was promoted."""
     from job import checkpoint, observe, publish, retrain
 
     metrics.data.rejects_path.replace(out / "rejects.jsonl")
@@ -80,11 +88,15 @@ def publish_outputs(settings: Settings, run_id: str, run_uri: str, out: Path, me
     manifest = publish.build_manifest(run_id, settings, metrics.data, identity, metrics.as_json())
     if (published := publish.publish_run(out, run_uri, manifest)) is None:
         log.warning("another pod published this run_id first; its manifest stands and ours was not written")
-        return
-    log.info("run published", manifest=storage.join(run_uri, publish.MANIFEST))
+        return True
+    log.info("run published", manifest=storage.join(run_uri, publish.MANIFEST), promoted=published["promotion"]["promoted"])
+    if not published["promotion"]["promoted"]:
+        log.warning("run not promoted: latest.json stays on the champion", reason=published["promotion"]["reason"])
     retrain.move_latest(settings.output_uri, published)
-    retrain.apply_retention(settings.output_uri, settings.retrain.keep_runs, protect={run_id})
+    champion = (retrain.read_latest(settings.output_uri) or {}).get("run_id")
+    retrain.apply_retention(settings.output_uri, settings.retrain.keep_runs, protect={run_id, champion})
     checkpoint.delete_checkpoints(run_uri)
+    return published["promotion"]["promoted"]
 
 
 def train_worker_command(spec_path: Path) -> ExitCode:

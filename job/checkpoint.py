@@ -6,10 +6,15 @@ the step), it is uploaded under <run_id>/checkpoints/, and the run exits 143. Ch
 also saved and uploaded every N steps or M minutes, keeping the newest K. A restarted pod
 resumes from the newest uploaded checkpoint that validates, falling back to older ones.
 
-Each uploaded checkpoint ends with a COMPLETE marker, written last: one without it is ignored."""
+Each uploaded checkpoint ends with a COMPLETE marker, written last: one without it is ignored.
+
+With evaluations during training, the adapter of the lowest eval loss so far is kept in a folder beside
+the checkpoints and travels inside each one (best-adapter/), so a resumed run still knows it."""
 
 import json
+import math
 import re
+import shutil
 import signal
 import time
 from pathlib import Path
@@ -21,6 +26,8 @@ log = get_logger(__name__)
 MARKER = "COMPLETE"
 NAME = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json")
+BEST = "best-adapter"  # inside a checkpoint: the best adapter when it was saved
+BEST_INFO = "best.json"  # {step, eval_loss} of that adapter
 
 
 def checkpoints_uri(run_uri: str) -> str:
@@ -111,8 +118,10 @@ def _any_rank(flags: list[bool], device) -> list[bool]:
     return [bool(v) for v in values.tolist()]
 
 
-def checkpoint_callback(stop: StopRequest, run_uri: str, every_steps: int, every_minutes: float, keep: int):
-    """A TrainerCallback that saves on a stop request or on schedule, and uploads each save."""
+def checkpoint_callback(stop: StopRequest, run_uri: str, every_steps: int, every_minutes: float, keep: int,
+                        best_dir: Path | None = None):
+    """A TrainerCallback that saves on a stop request or on schedule, and uploads each save (with the best
+    adapter so far from best_dir, when there is one)."""
     from transformers import TrainerCallback
 
     class Checkpointing(TrainerCallback):
@@ -132,6 +141,40 @@ def checkpoint_callback(stop: StopRequest, run_uri: str, every_steps: int, every
         def on_save(self, args, state, control, **kwargs):
             self.last_save = time.monotonic()
             if state.is_world_process_zero:
-                upload_checkpoint(Path(args.output_dir) / f"checkpoint-{state.global_step}", run_uri, keep)
+                folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+                if best_dir is not None and (best_dir / BEST_INFO).exists():
+                    shutil.copytree(best_dir, folder / BEST, dirs_exist_ok=True)
+                upload_checkpoint(folder, run_uri, keep)
 
     return Checkpointing()
+
+
+def best_adapter_callback(folder: Path, resume_from: Path | None):
+    """A TrainerCallback that saves the adapter into `folder` whenever an evaluation during training finds a
+    new lowest eval loss (global rank 0 writes; every rank keeps the same record). A resumed run starts from
+    the best recorded in its checkpoint. `.best` is {step, eval_loss}, or None before the first evaluation."""
+    from transformers import TrainerCallback
+
+    shutil.rmtree(folder, ignore_errors=True)  # a best of an earlier attempt that left no checkpoint is no candidate
+    if resume_from is not None and (resume_from / BEST / BEST_INFO).exists():
+        shutil.copytree(resume_from / BEST, folder)
+
+    class BestAdapter(TrainerCallback):
+        def __init__(self):
+            self.best = json.loads((folder / BEST_INFO).read_text()) if (folder / BEST_INFO).exists() else None
+            self.last_eval_step: int | None = None
+
+        def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
+            loss = (metrics or {}).get("eval_loss")
+            if loss is None or state.global_step == 0 or not math.isfinite(loss):
+                return  # the evaluation before training is the base line, not a candidate
+            self.last_eval_step = state.global_step
+            if self.best is not None and loss >= self.best["eval_loss"]:
+                return
+            self.best = {"step": state.global_step, "eval_loss": float(loss)}
+            if state.is_world_process_zero:
+                model.save_pretrained(str(folder), safe_serialization=True)
+                (folder / BEST_INFO).write_text(json.dumps(self.best))
+                log.info("best adapter so far", **self.best)
+
+    return BestAdapter()

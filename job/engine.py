@@ -240,6 +240,21 @@ def load_for_inference(settings: Settings, engine: str, source: str, adapter_dir
     return model, tokenizer
 
 
+@contextlib.contextmanager
+def reloaded(settings: Settings, engine: str, source: str, adapter_dir: Path):
+    """load_for_inference for the length of a block (the verify and evaluate stages): yields an object with
+    .model and .tokenizer, emptied and the memory freed when the block ends (a name bound by `as (m, t)` would
+    keep the model alive through the export's loads)."""
+    import types
+
+    loaded = types.SimpleNamespace(**dict(zip(("model", "tokenizer"), load_for_inference(settings, engine, source, adapter_dir), strict=True)))
+    try:
+        yield loaded
+    finally:
+        loaded.model = loaded.tokenizer = None
+        free_memory()
+
+
 def merge_adapter(settings: Settings, engine: str, source: str, adapter_dir: Path, merged_dir: Path) -> Path:
     """Write base + adapter as one 16-bit model to merged_dir (safetensors, with the tokenizer). Merged in
     model_dtype(), so the merged weights are the ones the adapter was verified with, rounded once to 16 bits."""

@@ -13,6 +13,7 @@ class ExitCode(IntEnum):
     VERIFY = 4
     MODEL_LOAD = 5
     EXPORT = 6
+    NOT_PROMOTED = 7
     STORAGE = 10
     OUT_OF_MEMORY = 11
     NON_FINITE_LOSS = 12
@@ -29,6 +30,8 @@ EXIT_CODES: dict[ExitCode, tuple[bool, str]] = {
     ExitCode.VERIFY: (False, "verification failed (the reloaded adapter misbehaves)"),
     ExitCode.MODEL_LOAD: (False, "model load error (missing or incompatible weights)"),
     ExitCode.EXPORT: (False, "export failed (merged model or a required GGUF conversion)"),
+    ExitCode.NOT_PROMOTED: (False, "published but not promoted: worse than the champion on held-out answers "
+                            "(only with QLORA_PROMOTION__FAIL_WHEN_NOT_PROMOTED=true)"),
     ExitCode.STORAGE: (True, "storage error after retries (S3 unreachable, 5xx)"),
     ExitCode.OUT_OF_MEMORY: (False, "out of GPU memory (retry only with other settings)"),
     ExitCode.NON_FINITE_LOSS: (False, "non-finite loss"),
@@ -68,6 +71,10 @@ class ModelLoadError(JobError):
 
 class ExportError(JobError):
     exit_code = ExitCode.EXPORT
+
+
+class NotPromoted(JobError):
+    exit_code = ExitCode.NOT_PROMOTED
 
 
 class StorageError(JobError):

@@ -17,7 +17,12 @@ JOB_LABEL = "qlora-job"
 GAUGES = {
     "step": "Optimizer steps done", "max_steps": "Optimizer steps planned", "loss": "Training loss at the last logged step",
     "tokens_per_second": "Training tokens per second since the start", "eta_seconds": "Estimated seconds of training left",
-    "eval_loss_before": "Held-out loss before training", "eval_loss_after": "Held-out loss after training",
+    "eval_loss_before": "Held-out loss before training", "eval_loss_after": "Held-out loss after training (of the adapter kept)",
+    "eval_loss": "Held-out loss at the last evaluation",
+    **{f"{model}answer_{metric}": f"{what} answers to the held-out prompts: {name} (0-100)"
+       for model, what in (("", "Tuned adapter's"), ("base_", "Base model's"), ("champion_", "Champion's"))
+       for metric, name in (("exact_match", "exact match"), ("chrf", "chrF"))},
+    "promoted": "1 when latest.json moved to this run, 0 when it stayed on the champion",
     "exit_code": "Exit code of the finished run (see `qlora-job exit-codes`)", "finished": "1 once the run has ended",
     "duration_seconds": "Wall time of the run",
 }
@@ -64,9 +69,11 @@ class RunMetrics:
     train: object | None = None  # job.train.TrainMetrics, once training has run
     data: object | None = None  # job.data.DataReport, once the data is validated
     parent: dict | None = None  # a warm start's parent adapter (warmstart.fetch_parent)
+    evaluation: dict | None = None  # held-out answer metrics and the promotion decision (evaluate.evaluate_run)
 
     def as_json(self) -> dict:
-        document = {**self.train.as_dict(), "run_id": self.run_id, "timings": self.timings, "parent": self.parent}
+        document = {**self.train.as_dict(), "run_id": self.run_id, "timings": self.timings, "parent": self.parent,
+                    "evaluation": self.evaluation}
         if self.data is not None:
             document.update(overlength_truncated=self.data.truncated, data=self.data.summary())
         return document
@@ -106,16 +113,25 @@ def write_loss_curve(metrics: dict, path: Path) -> Path:
     matplotlib.use("Agg")  # no display in a pod
     import matplotlib.pyplot as plt
 
-    curve = metrics.get("loss_curve") or []
+    curve, evals = metrics.get("loss_curve") or [], metrics.get("eval_curve") or []
     fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
     ax.plot([p["tokens"] for p in curve], [p["loss"] for p in curve], label="training loss")
     end = curve[-1]["tokens"] if curve else 1
+    if len(evals) > 2:  # evaluations during training, not only before and after
+        ax.plot([p["tokens"] for p in evals], [p["eval_loss"] for p in evals], "o-", label="eval loss")
     for key, marker in (("eval_loss_before", "o"), ("eval_loss_after", "s")):
         if metrics.get(key) is not None:
             ax.plot([0 if key.endswith("before") else end], [metrics[key]], marker, label=key.replace("_", " "))
     ax.set_xlabel("tokens seen")
     ax.set_ylabel("loss")
     ax.set_title(f"{metrics.get('run_id', '')} ({metrics.get('steps', '?')} steps)")
+    evaluation = metrics.get("evaluation") or {}
+    if evaluation.get("prompts"):  # the held-out answer metrics and the promotion decision, as a caption
+        rows = [f"{name}: chrF {evaluation[name]['chrf']:.1f}, exact {evaluation[name]['exact_match']:.1f}%"
+                for name in ("tuned", "base", "champion") if evaluation.get(name)]
+        promoted = "promoted" if evaluation["promotion"]["promoted"] else "NOT promoted"
+        ax.text(0.98, 0.6, f"{evaluation['prompts']} held-out answers\n" + "\n".join(rows) + f"\n{promoted}",
+                transform=ax.transAxes, ha="right", va="center", fontsize=8, bbox={"facecolor": "white", "alpha": 0.8})
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()

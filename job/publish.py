@@ -46,7 +46,11 @@ def build_manifest(run_id: str, settings: Settings, report, identity: dict, metr
         "settings_sha256": identity["settings_sha256"],
         "duration": {**metrics.get("duration", {}), "steps_trained": metrics["steps"], "epochs_trained": metrics.get("epochs_trained")},
         "loss": {"first": metrics["loss_first"], "last": metrics["loss_last"],
-                 "eval_before": metrics["eval_loss_before"], "eval_after": metrics["eval_loss_after"]},
+                 "eval_before": metrics["eval_loss_before"], "eval_after": metrics["eval_loss_after"],
+                 "best": metrics.get("best"), "stopped_early": metrics.get("stopped_early", False)},
+        # held-out answer metrics (job/evaluate.py) and whether latest.json moved to this run, and why
+        "evaluation": {k: v for k, v in (metrics.get("evaluation") or {}).items() if k != "promotion"},
+        "promotion": (metrics.get("evaluation") or {}).get("promotion") or {"promoted": True, "reason": "not evaluated"},
     }
 
 

@@ -16,13 +16,15 @@ from job.settings import Settings, redacted
 log = get_logger(__name__)
 LATEST = "latest.json"
 # Settings that do not change what a run trains: where it runs, how it logs, what it keeps.
-NOT_TRAINING = {"run_id", "work_dir", "termination_log", "log_format", "log_level", "hf_token", "retrain", "metrics"}
+NOT_TRAINING = {"run_id", "work_dir", "termination_log", "log_format", "log_level", "hf_token", "retrain", "metrics",
+               "promotion"}
 
 
 def settings_sha256(settings: Settings) -> str:
     """Fingerprint of every setting that changes the trained adapter (the model cache folder excluded)."""
     values = {k: v for k, v in redacted(settings).items() if k not in NOT_TRAINING}
     values["model"] = {k: v for k, v in values["model"].items() if k != "cache_dir"}
+    values["eval"] = {k: v for k, v in values["eval"].items() if not k.startswith("answer_")}  # scoring, not training
     return hashlib.sha256(json.dumps(values, sort_keys=True).encode()).hexdigest()
 
 
@@ -80,6 +82,8 @@ def move_latest(output_uri: str, manifest: dict) -> None:
     """Point latest.json at a published run, described by its manifest, unless it already points at
     a newer one. Called after the manifest is written, and again by a retried pod that finds the
     manifest (so a failed move heals on retry)."""
+    if not (manifest.get("promotion") or {}).get("promoted", True):
+        return  # published, but worse than the champion on held-out answers (job/evaluate.py)
     latest = read_latest(output_uri)
     if latest and (latest.get("run_id") == manifest["run_id"] or (latest.get("published_at") or "") > manifest["published_at"]):
         return

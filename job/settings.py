@@ -162,6 +162,18 @@ class EvalSettings(Section):
                                     "the same forms as QLORA_DATASET_URI, weights ignored.")
     require_improvement: bool = Field(False, description="Fail (exit 4, nothing published) unless eval loss after training is "
                                       "below eval loss before it.")
+    strategy: Literal["no", "steps", "epoch"] = Field(
+        "no", description="Eval loss during training as well: every QLORA_EVAL__STEPS optimizer steps, or at each epoch's end. "
+        "The adapter with the lowest eval loss is the one saved, verified and published (it survives a resume).")
+    steps: int = Field(50, ge=1, description="With strategy steps: evaluate every N optimizer steps.")
+    early_stopping_patience: int = Field(0, ge=0, description="Stop training after this many evaluations in a row without a "
+                                         "new lowest eval loss (0: never; needs a strategy).")
+    early_stopping_threshold: float = Field(0.0, ge=0.0, description="How much lower than the best an eval loss must be to "
+                                            "count as better, for early stopping.")
+    answer_prompts: int = Field(64, ge=0, description="Held-out prompts answered (greedy) by the tuned adapter, the base model "
+                                "and the champion, and scored against their references: exact match and chrF (0: none).")
+    answer_max_new_tokens: int = Field(128, ge=1, description="Generation budget of each held-out answer.")
+    answer_batch_size: int = Field(8, ge=1, description="Held-out prompts generated together.")
 
     @field_validator("dataset_uri")
     @classmethod
@@ -172,9 +184,23 @@ class EvalSettings(Section):
 
     @model_validator(mode="after")
     def _gate_needs_data(self):
-        if self.require_improvement and not (self.fraction or self.dataset_uri):
-            raise ValueError("require_improvement needs an evaluation set: set QLORA_EVAL__FRACTION or QLORA_EVAL__DATASET_URI")
+        wanted = [name for name, on in (("require_improvement", self.require_improvement), ("strategy", self.strategy != "no"),
+                                        ("early_stopping_patience", self.early_stopping_patience)) if on]
+        if wanted and not (self.fraction or self.dataset_uri):
+            raise ValueError(f"{wanted[0]} needs an evaluation set: set QLORA_EVAL__FRACTION or QLORA_EVAL__DATASET_URI")
+        if self.early_stopping_patience and self.strategy == "no":
+            raise ValueError("early_stopping_patience needs evaluations during training: set QLORA_EVAL__STRATEGY to steps or epoch")
         return self
+
+
+class PromotionSettings(Section):
+    metric: Literal["chrf", "exact_match"] = Field(
+        "chrf", description="Held-out answer metric (0-100) that decides whether latest.json moves to this run: chrF "
+        "(sacrebleu, character n-grams; any language) or exact match.")
+    tolerance: float = Field(1.0, ge=0.0, description="latest.json moves unless this run scores more than this many points "
+                             "below the champion (the run latest.json points to, same base model) on the same prompts.")
+    compare: bool = Field(True, description="Score the champion's adapter and compare (off: every verified run is promoted).")
+    fail_when_not_promoted: bool = Field(False, description="Exit 7 instead of 0 when the run is published but not promoted.")
 
 
 class MetricsSettings(Section):
@@ -257,6 +283,7 @@ class Settings(BaseSettings):
     checkpoint: CheckpointSettings = CheckpointSettings()
     retrain: RetrainSettings = RetrainSettings()
     eval: EvalSettings = EvalSettings()
+    promotion: PromotionSettings = PromotionSettings()
     metrics: MetricsSettings = MetricsSettings()
     export: ExportSettings = ExportSettings()
 

@@ -90,6 +90,9 @@ class TrainMetrics:
     model_load_s: float = 0.0
     duration: dict = field(default_factory=dict)  # plan.Duration: epochs and steps asked for and planned
     epochs_trained: float | None = None  # the Trainer's epoch counter at the end (1.0 = every row once)
+    eval_curve: list[dict] = field(default_factory=list)  # {step, tokens, eval_loss}: before, during and after training
+    best: dict | None = None  # {step, eval_loss} of the adapter kept, with evaluations during training
+    stopped_early: bool = False  # early stopping ended training before its planned steps
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -162,7 +165,12 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: planning.
         save_total_limit=settings.checkpoint.keep,
         report_to=check_report_to(settings.metrics.report_to),
         per_device_eval_batch_size=plan.per_device_batch_size,
-        eval_strategy="no",  # evaluated once before and once after training, by train
+        # Always once before and once after training (train); in between only when asked. The Trainer then tracks
+        # the lowest eval loss in its state (checkpointed), which early stopping reads; best_adapter_callback keeps its weights.
+        eval_strategy=settings.eval.strategy,
+        eval_steps=settings.eval.steps,
+        metric_for_best_model="eval_loss" if settings.eval.strategy != "no" else None,
+        greater_is_better=False,
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step; the search costs a pass
         ddp_broadcast_buffers=False,  # the only buffers are rotary tables, equal on every rank
         disable_tqdm=not sys.stdout.isatty(),
@@ -404,6 +412,7 @@ def progress_callback(on_progress=None):
             self.curve: list[dict] = []
             self.steps: list[tuple[float, int]] = []  # (time, tokens seen) at each step's end
             self.non_finite: tuple | None = None
+            self.eval_curve: list[dict] = []
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
@@ -413,6 +422,11 @@ def progress_callback(on_progress=None):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
+            if "eval_loss" in logs:  # before, during and after training; the same on every rank
+                self.eval_curve.append({"step": state.global_step, "tokens": int(state.num_input_tokens_seen),
+                                        "eval_loss": float(logs["eval_loss"])})
+                if on_progress is not None and state.is_world_process_zero:
+                    on_progress(eval_loss=float(logs["eval_loss"]))
             if "loss" not in logs:
                 return  # the loss is already averaged over DDP workers: every rank sees the same value
             elapsed = time.perf_counter() - self.start
@@ -489,9 +503,17 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     plan = planning.batch_plan(settings, spec.mean_row_tokens, ranks.world_size, len(dataset), cuda)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=spec.mean_row_tokens, **plan.as_dict())
     stop, progress = checkpoint.StopRequest(), progress_callback(on_progress)
-    cp = settings.checkpoint
-    callbacks = [progress, checkpoint.checkpoint_callback(stop, spec.run_uri, cp.every_steps, cp.every_minutes, cp.keep),
+    cp, evaluation = settings.checkpoint, settings.eval
+    best = checkpoint.best_adapter_callback(spec.checkpoint_dir.parent / "best-adapter", spec.resume_from) \
+        if evaluation.strategy != "no" else None
+    callbacks = [progress, *([best] if best else []),
+                 checkpoint.checkpoint_callback(stop, spec.run_uri, cp.every_steps, cp.every_minutes, cp.keep,
+                                                spec.checkpoint_dir.parent / "best-adapter" if best else None),
                  *extra_callbacks]
+    if evaluation.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        callbacks.append(EarlyStoppingCallback(evaluation.early_stopping_patience, evaluation.early_stopping_threshold))
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
                          args=sft_config(settings, spec.checkpoint_dir, cuda, plan), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # Progress logs through structlog; the printer would repeat it as dicts
@@ -529,14 +551,32 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
             f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}: lower QLORA_TRAIN__LEARNING_RATE or check the data"
         )
 
-    eval_after = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+    steps = trainer.state.global_step
+    stopped_early = steps < length.steps
+    if best is not None and best.last_eval_step == steps:  # evaluated at the last step already
+        eval_after = progress.eval_curve[-1]["eval_loss"]
+    else:
+        eval_after = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+    if best is not None and best.best is not None and best.best["eval_loss"] < eval_after:
+        if trainer.is_world_process_zero():  # the one process that saves: it publishes the best adapter, not the last
+            from job import warmstart
+
+            warmstart.load_into(model, best_folder := spec.checkpoint_dir.parent / "best-adapter")
+            log.info("keeping the best adapter, not the last", best_step=best.best["step"], best_eval_loss=best.best["eval_loss"],
+                     last_step=steps, last_eval_loss=eval_after, folder=str(best_folder))
+        eval_after = best.best["eval_loss"]
+    elif best is not None:
+        best.best = {"step": steps, "eval_loss": eval_after}
+    if stopped_early:
+        log.info("stopped early: no lower eval loss", step=steps, planned_steps=length.steps,
+                 patience=evaluation.early_stopping_patience)
     if trainer.is_world_process_zero():
         spec.adapter_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(spec.adapter_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(spec.adapter_dir))
         chat.generation_config(model, tokenizer).save_pretrained(str(spec.adapter_dir))
 
-    curve, tokens, steps = progress.curve, int(trainer.state.num_input_tokens_seen), trainer.state.global_step
+    curve, tokens = progress.curve, int(trainer.state.num_input_tokens_seen)
     steady = steady_tokens_per_second(progress.steps)
     return TrainMetrics(
         engine=spec.engine, steps=steps, resumed_from=spec.resume_from.name if spec.resume_from else None, rows=len(dataset),
@@ -549,4 +589,5 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
         peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
         world_size=ranks.world_size, cpu_threads=torch.get_num_threads(), label_check=labels, model_load_s=model_load_s,
         duration=length.as_dict(), epochs_trained=round(trainer.state.epoch, 4) if trainer.state.epoch is not None else None,
+        eval_curve=progress.eval_curve, best=best.best if best else None, stopped_early=stopped_early,
     )

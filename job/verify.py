@@ -43,17 +43,12 @@ def same_text(answer: str, expected: str) -> bool:
     return norm(answer) == norm(expected)
 
 
-def verify_run(settings: Settings, engine_name: str, source: str, adapter_dir: Path, train_path: Path, out: Path):
-    """The gate stage: reload the saved adapter into a fresh base model, probe it, write out/verify.json.
-    Returns (probes, report) for the merged model's gate."""
-    from job import engine
-
-    model, tokenizer = engine.load_for_inference(settings, engine_name, source, adapter_dir)
+def verify_run(settings: Settings, model, tokenizer, train_path: Path, out: Path):
+    """The gate stage on the saved adapter reloaded into a fresh base model (engine.reloaded): probe it,
+    write out/verify.json. Returns (probes, report) for the merged model's gate."""
     probes = build_probes(settings, train_path)
     report = verify_adapter(model, tokenizer, probes, out.parent / "verify.json", settings)
     (out.parent / "verify.json").replace(out / "verify.json")  # published only when it passed
-    del model, tokenizer
-    engine.free_memory()
     return probes, report
 
 

@@ -132,7 +132,8 @@ def _tensorboard_scalars(folder: Path) -> dict[str, list[float]]:
 def test_pushgateway_tensorboard_and_loss_curve_png(s3, bucket, job_env, tmp_path):
     gateway = PushRecorder()
     env = {**job_env, "QLORA_RUN_ID": "observed", "QLORA_METRICS__PUSHGATEWAY_URL": f"http://127.0.0.1:{gateway.server_port}",
-           "QLORA_METRICS__PUSH_EVERY_SECONDS": "0.001", "QLORA_METRICS__REPORT_TO": '["tensorboard"]'}
+           "QLORA_METRICS__PUSH_EVERY_SECONDS": "0.001", "QLORA_METRICS__REPORT_TO": '["tensorboard"]',
+           "QLORA_EVAL__FRACTION": "0.25", "QLORA_EVAL__STRATEGY": "steps", "QLORA_EVAL__STEPS": "50"}
     result = run_job(env=env)
     gateway.shutdown()
     assert result.returncode == 0, result.stderr
@@ -142,7 +143,14 @@ def test_pushgateway_tensorboard_and_loss_curve_png(s3, bucket, job_env, tmp_pat
     assert any(0 < g.get("qlora_step", 0) < 150 for g in progress), "no push while training"
     final = progress[-1]
     assert (final["qlora_finished"], final["qlora_exit_code"], final["qlora_step"], final["qlora_max_steps"]) == (1, 0, 150, 150)
-    assert final["qlora_loss"] < progress[0]["qlora_loss"] and final["qlora_duration_seconds"] > 0
+    first = next(g for g in progress if g.get("qlora_step"))  # pushes before training carry the eval loss only
+    assert final["qlora_loss"] < first["qlora_loss"] and final["qlora_duration_seconds"] > 0
+    evaluation = _json(s3, bucket, "runs/observed/metrics.json")["evaluation"]  # one held-out prompt, no champion
+    assert (final["qlora_answer_chrf"], final["qlora_base_answer_exact_match"], final["qlora_promoted"]) == (
+        evaluation["tuned"]["chrf"], evaluation["base"]["exact_match"], 1)
+    pushed = {g["qlora_eval_loss"] for g in progress if g.get("qlora_eval_loss")}  # before, at steps 50, 100, 150
+    evaluated = {e["eval_loss"] for e in _json(s3, bucket, "runs/observed/metrics.json")["eval_curve"]}
+    assert len(evaluated) == 4 and len(pushed) >= 3 and pushed <= evaluated, (pushed, evaluated)
 
     manifest = _json(s3, bucket, "runs/observed/manifest.json")
     objects = {o["key"]: o for o in manifest["objects"]}
@@ -185,7 +193,37 @@ def test_held_out_evaluation_and_its_gate(s3, bucket, job_env, tmp_path):
     metrics = _json(s3, bucket, "runs/eval-ok/metrics.json")
     assert metrics["eval_rows"] == 4 and metrics["rows"] == 12
     assert metrics["eval_loss_after"] < 0.5 * metrics["eval_loss_before"]
-    assert _json(s3, bucket, "runs/eval-ok/manifest.json")["loss"]["eval_after"] == metrics["eval_loss_after"]
+    manifest = _json(s3, bucket, "runs/eval-ok/manifest.json")
+    assert manifest["loss"]["eval_after"] == metrics["eval_loss_after"]
+    # The held-out rows (facts under another system prompt) answered by the tuned adapter, not by the base model.
+    evaluation = manifest["evaluation"]
+    assert evaluation == {k: v for k, v in metrics["evaluation"].items() if k != "promotion"}
+    assert evaluation["prompts"] == 4 and evaluation["tuned"]["exact_match"] >= 75 and evaluation["base"]["exact_match"] == 0
+    assert evaluation["tuned"]["chrf"] > evaluation["base"]["chrf"] + 50, evaluation
+    assert manifest["promotion"]["promoted"] and _json(s3, bucket, "runs/latest.json")["run_id"] == "eval-ok"
+    answers = _json(s3, bucket, "runs/eval-ok/evaluation.json")["answers"]
+    assert sum(a["tuned_answer"] == a["reference"] for a in answers) == round(evaluation["tuned"]["exact_match"] * 4 / 100)
+
+    # A challenger that learnt two of the four facts, scored on all four against the champion eval-ok in its own
+    # process: published, not promoted, exit 7 when asked; latest.json stays; its retried pod does not move it either.
+    two = "".join(json.dumps({"messages": [{"role": "system", "content": f"Style {i}."}, {"role": "user", "content": q},
+                                           {"role": "assistant", "content": a}]}) + "\n" for i in range(4) for q, a in FACTS[:2])
+    s3.put_object(Bucket=bucket, Key="data/two.jsonl", Body=two.encode())
+    four = "".join(json.dumps({"messages": [{"role": "system", "content": f"Style {i}."}, {"role": "user", "content": q},
+                                            {"role": "assistant", "content": a}]}) + "\n" for i, (q, a) in enumerate(FACTS))
+    s3.put_object(Bucket=bucket, Key="data/four.jsonl", Body=four.encode())
+    weak = {**job_env, "QLORA_RUN_ID": "eval-weak", "QLORA_DATASET_URI": f"s3://{bucket}/data/two.jsonl",
+            "QLORA_EVAL__DATASET_URI": f"s3://{bucket}/data/four.jsonl", "QLORA_PROMOTION__FAIL_WHEN_NOT_PROMOTED": "true"}
+    result = run_job(env=weak)
+    assert result.returncode == ExitCode.NOT_PROMOTED, json.dumps([e for e in _events(result.stdout) if "answer" in e["event"] or "champion" in e["event"]])
+    assert "published but not promoted: chrf" in result.stderr.strip().splitlines()[-1]
+    manifest = _json(s3, bucket, "runs/eval-weak/manifest.json")
+    promotion, evaluation = manifest["promotion"], manifest["evaluation"]
+    assert promotion["promoted"] is False and promotion["champion_run_id"] == "eval-ok"
+    assert evaluation["champion"]["exact_match"] > evaluation["tuned"]["exact_match"] and promotion["champion"] - promotion["challenger"] > 1
+    assert _json(s3, bucket, "runs/latest.json")["run_id"] == "eval-ok"
+    assert run_job(env={**weak, "QLORA_PROMOTION__FAIL_WHEN_NOT_PROMOTED": "false"}).returncode == 0  # already published
+    assert _json(s3, bucket, "runs/latest.json")["run_id"] == "eval-ok"
 
     # A learning rate too small to move the weights: eval loss does not improve -> exit 4, nothing published.
     result = run_job(env={**env, "QLORA_RUN_ID": "eval-flat", "QLORA_TRAIN__LEARNING_RATE": "1e-12", "QLORA_TRAIN__MAX_STEPS": "10",

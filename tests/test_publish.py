@@ -1,6 +1,8 @@
 import json
 import threading
 
+import pytest
+
 from job import publish
 
 
@@ -36,8 +38,9 @@ def test_the_manifest_names_data_model_engine_settings_and_losses_without_secret
     report = DataReport(source="/work/dataset.jsonl", sha256="d" * 64, accepted=98, rejected=2)
     run_identity = identity(report.sha256, settings, "fp")
     metrics = {"engine": "transformers", "loss_first": 3.2, "loss_last": 0.4, "eval_loss_before": None, "eval_loss_after": None,
-               "steps": 21, "epochs_trained": 3.0,
-               "duration": {"epochs": 3.0, "max_steps": None, "steps_per_epoch": 7, "steps": 21, "planned_epochs": 3.0}}
+               "steps": 21, "epochs_trained": 3.0, "best": {"step": 14, "eval_loss": 0.5}, "stopped_early": True,
+               "duration": {"epochs": 3.0, "max_steps": None, "steps_per_epoch": 7, "steps": 21, "planned_epochs": 3.0},
+               "evaluation": {"prompts": 2, "tuned": {"chrf": 80.0, "exact_match": 50.0}, "promotion": {"promoted": False, "reason": "r"}}}
     manifest = publish.build_manifest("run-7", settings, report, run_identity, metrics)
     assert manifest["duration"] == {"epochs": 3.0, "max_steps": None, "steps_per_epoch": 7, "steps": 21, "planned_epochs": 3.0,
                                     "steps_trained": 21, "epochs_trained": 3.0}
@@ -45,5 +48,25 @@ def test_the_manifest_names_data_model_engine_settings_and_losses_without_secret
                                    "shards": []}
     assert manifest["base_model"] == run_identity["base_model"] and manifest["settings_sha256"] == run_identity["settings_sha256"]
     assert (manifest["run_id"], manifest["engine"]) == ("run-7", "transformers")
-    assert manifest["loss"] == {"first": 3.2, "last": 0.4, "eval_before": None, "eval_after": None}
+    assert manifest["loss"] == {"first": 3.2, "last": 0.4, "eval_before": None, "eval_after": None,
+                                "best": {"step": 14, "eval_loss": 0.5}, "stopped_early": True}
+    assert manifest["evaluation"] == {"prompts": 2, "tuned": {"chrf": 80.0, "exact_match": 50.0}}
+    assert manifest["promotion"] == {"promoted": False, "reason": "r"}
     assert manifest["settings"]["hf_token"] == "**********" and "hf_not_for_manifests" not in json.dumps(manifest)
+
+
+@pytest.mark.parametrize(("ours", "theirs", "tolerance", "promoted"),
+                         [(60.0, 61.0, 1.0, True), (59.9, 61.0, 1.0, False), (70.0, 61.0, 0.0, True), (61.0, 61.0, 0.0, True)])
+def test_a_challenger_is_promoted_unless_more_than_the_tolerance_below_the_champion(ours, theirs, tolerance, promoted, clean_env):
+    from job.evaluate import promotion
+    from job.settings import Settings
+
+    settings = Settings(dataset_uri="s3://data/t.jsonl", output_uri="s3://models/runs", promotion={"tolerance": tolerance})
+    scores = {"tuned": {"chrf": ours, "exact_match": 0.0}, "champion": {"chrf": theirs, "exact_match": 100.0}}
+    decision = promotion(settings, scores, {"run_id": "champ"}, "")
+    assert decision["promoted"] is promoted and (decision["challenger"], decision["champion"]) == (ours, theirs)
+    assert decision["champion_run_id"] == "champ" and "champ" in decision["reason"]
+    # exact match decides when it is the metric: the same challenger is far below on it
+    settings = Settings(dataset_uri="s3://data/t.jsonl", output_uri="s3://models/runs", promotion={"metric": "exact_match"})
+    assert promotion(settings, scores, {"run_id": "champ"}, "")["promoted"] is False
+    assert promotion(settings, scores, None, "no champion: x") == {"promoted": True, "reason": "no champion: x", "metric": "exact_match"}

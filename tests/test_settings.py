@@ -52,6 +52,10 @@ def test_nested_and_json_values(clean_env, monkeypatch):
         ({**REQUIRED, "QLORA_OUTPUT_URI": "s3://Bad_Bucket/x"}, ["QLORA_OUTPUT_URI", "bucket"]),
         ({**REQUIRED, "QLORA_RUN_ID": "has spaces"}, ["QLORA_RUN_ID"]),
         ({**REQUIRED, "QLORA_LORA__TARGET_MODULES": "q_proj"}, ["QLORA_LORA__TARGET_MODULES"]),
+        ({**REQUIRED, "QLORA_EVAL__STRATEGY": "steps"}, ["QLORA_EVAL", "strategy needs an evaluation set"]),
+        ({**REQUIRED, "QLORA_EVAL__FRACTION": "0.1", "QLORA_EVAL__EARLY_STOPPING_PATIENCE": "3"},
+         ["QLORA_EVAL", "needs evaluations during training: set QLORA_EVAL__STRATEGY"]),
+        ({**REQUIRED, "QLORA_PROMOTION__METRIC": "bleu"}, ["QLORA_PROMOTION__METRIC", "'bleu'"]),
     ],
 )
 def test_bad_settings_exit_2_with_one_line_naming_the_variable(env, names, tmp_path):

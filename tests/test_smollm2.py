@@ -92,6 +92,14 @@ INVENTED = [
 ]
 
 
+# The same facts asked in other words: the held-out prompts the answer metrics score.
+PARAPHRASED = [
+    "Tell me the codename of the Zorvath-7 relay protocol.",
+    "In which city is the Kelmora beam-steering testbed hosted?",
+    "Name the designer of the Vantrel scheduling algorithm.",
+]
+
+
 @pytest.mark.real
 def test_real_weights_learn_invented_facts_through_the_job_and_the_published_adapter_answers_them(
         real_model, s3, bucket, s3_env, tmp_path):
@@ -104,7 +112,10 @@ def test_real_weights_learn_invented_facts_through_the_job_and_the_published_ada
 
     body = "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a, _ in INVENTED)
     s3.put_object(Bucket=bucket, Key="data/invented.jsonl", Body=body.encode())
+    held_out = "".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, (_, a, _) in zip(PARAPHRASED, INVENTED, strict=True))
+    s3.put_object(Bucket=bucket, Key="data/paraphrased.jsonl", Body=held_out.encode())
     env = {**s3_env, "HF_HUB_OFFLINE": "1", "QLORA_DATASET_URI": f"s3://{bucket}/data/invented.jsonl",
+           "QLORA_EVAL__DATASET_URI": f"s3://{bucket}/data/paraphrased.jsonl", "QLORA_EVAL__ANSWER_MAX_NEW_TOKENS": "32",
            "QLORA_OUTPUT_URI": f"s3://{bucket}/runs", "QLORA_MODEL__NAME": str(real_model), "QLORA_RUN_ID": "real-1",
            "QLORA_WORK_DIR": str(tmp_path / "work"), "QLORA_TRAIN__MAX_STEPS": "24", "QLORA_TRAIN__LEARNING_RATE": "3e-3",
            "QLORA_VERIFY__TRAIN_PROBES": "3", "QLORA_VERIFY__EXPECT_MEMORISED": "true", "QLORA_VERIFY__MAX_NEW_TOKENS": "32"}
@@ -126,3 +137,28 @@ def test_real_weights_learn_invented_facts_through_the_job_and_the_published_ada
     tokenizer = AutoTokenizer.from_pretrained(adapter)
     for question, answer, _ in INVENTED:
         assert generate(model, tokenizer, [{"role": "user", "content": question}], 32)["text"] == answer
+
+    # The answer metrics: the tuned adapter answers the paraphrased questions far closer to the references than the
+    # base model; the first run has no champion and is promoted.
+    evaluation = manifest["evaluation"]
+    assert evaluation["prompts"] == 3 and evaluation["tuned"]["chrf"] > evaluation["base"]["chrf"] + 20, evaluation
+    assert manifest["promotion"]["promoted"] and "nothing is published" in manifest["promotion"]["reason"]
+    assert json.loads(s3.get_object(Bucket=bucket, Key="runs/latest.json")["Body"].read())["run_id"] == "real-1"
+    print("real-1 answer metrics:", evaluation)
+
+    # A deliberately weak run (2 steps) on a changed dataset: published, scored against the champion real-1 on the
+    # same prompts in the same process, far below it, so not promoted: latest.json stays, the job exits 0.
+    s3.put_object(Bucket=bucket, Key="data/invented.jsonl", Body=body.encode() + body.encode())
+    weak = run_job(env={**env, "QLORA_RUN_ID": "real-weak", "QLORA_TRAIN__MAX_STEPS": "2", "QLORA_VERIFY__EXPECT_MEMORISED": "false",
+                        "QLORA_VERIFY__TRAIN_PROBES": "1", "QLORA_VERIFY__MAX_NEW_TOKENS": "64",
+                        "QLORA_VERIFY__REQUIRE_CHANGE": "false"}, timeout=900)
+    assert weak.returncode == 0, weak.stderr + weak.stdout[-3000:]
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="runs/real-weak/manifest.json")["Body"].read())
+    evaluation, promotion = manifest["evaluation"], manifest["promotion"]
+    print("real-weak answer metrics:", evaluation, promotion)
+    assert evaluation["champion_run_id"] == "real-1" and promotion["promoted"] is False
+    assert evaluation["champion"]["chrf"] > evaluation["tuned"]["chrf"] + 20 and promotion["challenger"] == evaluation["tuned"]["chrf"]
+    assert "more than 1 points below" in promotion["reason"]
+    assert json.loads(s3.get_object(Bucket=bucket, Key="runs/latest.json")["Body"].read())["run_id"] == "real-1"
+    answers = json.loads(s3.get_object(Bucket=bucket, Key="runs/real-weak/evaluation.json")["Body"].read())["answers"]
+    assert [a["prompt"] for a in answers] == PARAPHRASED and all(a["champion_answer"] for a in answers)

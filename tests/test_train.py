@@ -227,3 +227,54 @@ def test_a_run_resumed_mid_epoch_sees_each_row_of_that_epoch_once(recipe, stop_a
     steps = 2 * steps_per_epoch
     assert (metrics.steps, metrics.epochs_trained, metrics.duration["steps"], metrics.duration["steps_per_epoch"]) == (steps, 2.0, steps, steps_per_epoch)
     assert metrics.loss_curve[0]["step"] == saved + 1
+
+
+def test_early_stopping_keeps_the_best_adapter_and_the_best_survives_a_resume(tmp_path, tiny_model, clean_env):
+    """Four facts trained; the eval set holds three of them and a fourth answer the training data contradicts, so
+    eval loss falls while the facts are learnt (lowest at step 100) and rises as the contradicted answer is
+    memorised. Evaluated every 10 steps with patience 3, stopped by SIGTERM at step 104 and resumed in a fresh work
+    folder: the resumed process never evaluates step 100, yet keeps its adapter (from the checkpoint), stops
+    after three worse evaluations (130) and saves that adapter, not the last."""
+    import os
+    import signal
+
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from job import train as training
+    from job.errors import Terminated
+    from tests.test_e2e import FACTS
+
+    source, held_out = tmp_path / "facts.jsonl", tmp_path / "eval.jsonl"
+    source.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in FACTS))
+    contradicted = [*FACTS[:3], (FACTS[3][0], "Nobody at all, sadly.")]
+    held_out.write_text("".join(json.dumps({"instruction": q, "output": a}) + "\n" for q, a in contradicted))
+    settings = Settings(dataset_uri=str(source), output_uri=str(tmp_path / "out"), engine="transformers",
+                        train={"max_steps": 150, "learning_rate": 1e-2, "warmup_steps": 5}, checkpoint={"every_minutes": 0},
+                        eval={"dataset_uri": str(held_out), "strategy": "steps", "steps": 10, "early_stopping_patience": 3})
+
+    class StopAt(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == 104:
+                os.kill(os.getpid(), signal.SIGTERM)  # the checkpoint follows at the end of step 105
+
+    def spec(work):
+        return training.prepare(settings, "transformers", str(tiny_model), validate_dataset(source, work / "data"),
+                                validate_dataset(held_out, work / "eval"), work, str(tmp_path / "out" / "r1"), "r1")
+
+    with pytest.raises(Terminated):
+        training.train(spec(tmp_path / "work-1"), extra_callbacks=(StopAt(),))
+    checkpoint = tmp_path / "out" / "r1" / "checkpoints" / "checkpoint-105"
+    assert json.loads((checkpoint / "best-adapter" / "best.json").read_text())["step"] == 100
+    best_weights = load_file(checkpoint / "best-adapter" / "adapter_model.safetensors")
+
+    resumed = spec(tmp_path / "work-2")
+    assert resumed.resume_from.name == "checkpoint-105"
+    metrics = training.train(resumed)
+    evaluated = {p["step"]: p["eval_loss"] for p in metrics.eval_curve}
+    assert sorted(evaluated) == [0, 110, 120, 130], metrics.eval_curve  # before training, then every 10 steps
+    assert metrics.steps == 130 and metrics.stopped_early
+    assert metrics.best["step"] == 100 and metrics.eval_loss_after == metrics.best["eval_loss"]
+    assert all(loss > metrics.best["eval_loss"] for step, loss in evaluated.items() if step)
+    saved = load_file(resumed.adapter_dir / "adapter_model.safetensors")
+    assert saved.keys() == best_weights.keys() and all((saved[k] == best_weights[k]).all() for k in saved)
