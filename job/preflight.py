@@ -78,15 +78,10 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer)
     train.train would find them (over-length rows rejected or kept as the run would)."""
     from job import train
 
-    rows, mean_tokens = train.load_train_dataset(report, tokenizer, settings)
-    data.check_report(report, settings.data.max_reject_ratio)
-    if eval_report is None:
-        rows, _ = train.split_eval(rows, settings.eval.fraction, settings.train.seed)
-    mixed = train.mix_sources(rows, report.weights, settings.train.seed)
-    examples = train.expand_turns(mixed, settings.data.train_turns)
-    if len(examples) == len(mixed):
+    examples, _, mean_tokens = train.training_rows(settings, report, eval_report, tokenizer)
+    if "format" not in examples.column_names or "messages" not in set(examples["format"]):
         epoch_tokens = round(mean_tokens * len(examples))
-    else:  # each turn's row repeats its history: measure what will be trained
+    else:  # a turn's row may repeat its history: measure what will be trained
         measured, _ = train.drop_overlength(examples, tokenizer, 1 << 30, "truncate")
         epoch_tokens = sum(measured["n_tokens"])
     world = 1 if settings.nproc_per_node == "auto" else int(settings.nproc_per_node)

@@ -275,13 +275,12 @@ def split_eval(dataset, fraction: float, seed: int):
     return split["train"], split["test"]
 
 
-def prepare(settings: Settings, engine_name: str, source: str, report: DataReport, eval_report: DataReport | None,
-            work: Path, run_uri: str, run_id: str, init_adapter: Path | None = None) -> TrainSpec:
-    """Tokenize and measure the validated rows (over-length rows join the report's rejects), hold out the
-    eval rows, find a checkpoint to resume, and write the datasets where every training process reads them."""
-    from job import data, engine
+def training_rows(settings: Settings, report: DataReport, eval_report: DataReport | None, tokenizer):
+    """The validated rows as training sees them (train.prepare, and `qlora-job plan`'s sizing): measured, over-length
+    rows rejected into the report (or kept), the eval rows held out (or the separate eval set loaded), the sources
+    weighted, one row per trained turn. Returns (train rows, eval rows or None, mean tokens a row before expanding)."""
+    from job import data
 
-    tokenizer = engine.load_tokenizer(settings, source)
     dataset, mean_row_tokens = load_train_dataset(report, tokenizer, settings)
     data.check_report(report, settings.data.max_reject_ratio)
     if eval_report is not None:
@@ -289,13 +288,22 @@ def prepare(settings: Settings, engine_name: str, source: str, report: DataRepor
     else:
         dataset, eval_dataset = split_eval(dataset, settings.eval.fraction, settings.train.seed)
     dataset = expand_turns(mix_sources(dataset, report.weights, settings.train.seed), settings.data.train_turns)
-    dataset = dataset.remove_columns([c for c in ("source", "format") if c in dataset.column_names])
     if eval_dataset is not None:  # held out whole conversations before expanding: no turn of one is trained on
         eval_dataset = expand_turns(eval_dataset, settings.data.train_turns)
-        eval_dataset = eval_dataset.remove_columns([c for c in ("source", "format") if c in eval_dataset.column_names])
-    dataset.save_to_disk(str(work / "train-dataset"))
+    return dataset, eval_dataset, mean_row_tokens
+
+
+def prepare(settings: Settings, engine_name: str, source: str, report: DataReport, eval_report: DataReport | None,
+            work: Path, run_uri: str, run_id: str, init_adapter: Path | None = None) -> TrainSpec:
+    """Tokenize and measure the validated rows (over-length rows join the report's rejects), hold out the
+    eval rows, find a checkpoint to resume, and write the datasets where every training process reads them."""
+    from job import engine
+
+    dataset, eval_dataset, mean_row_tokens = training_rows(settings, report, eval_report, engine.load_tokenizer(settings, source))
+    dataset.remove_columns([c for c in ("source", "format") if c in dataset.column_names]).save_to_disk(str(work / "train-dataset"))
     if eval_dataset is not None:
-        eval_dataset.save_to_disk(str(work / "eval-dataset"))
+        eval_dataset.remove_columns([c for c in ("source", "format") if c in eval_dataset.column_names]).save_to_disk(
+            str(work / "eval-dataset"))
     out = work / "publish"
     if "tensorboard" in settings.metrics.report_to:  # event files go up with the run unless the user points them elsewhere
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
