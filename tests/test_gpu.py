@@ -141,3 +141,40 @@ def test_unsloth_stops_on_the_templates_end_of_turn_when_eos_is_endoftext(tmp_pa
     assert GenerationConfig.from_pretrained(run / "adapter").eos_token_id == stops
     assert GenerationConfig.from_pretrained(run / "merged").eos_token_id == stops
     print(f"stop: end-of-turn trained {metrics['label_check']['end_of_turn_trained']}x in the first batch, 4/4 ended on <|im_end|>")
+
+
+def test_unsloth_eval_during_training_answer_metrics_and_a_champion_loaded_beside_the_adapter(s3, bucket, s3_env, qwen3_shaped_model,
+                                                                                               tmp_path):
+    """#18 on the unsloth engine: evaluations during training with early stopping, the held-out answers batched
+    through Unsloth's generation, and a second run that loads the first run's adapter beside its own (peft
+    load_adapter on Unsloth's model) and decides promotion from the scores."""
+    styled = [{"messages": [{"role": "system", "content": f"Style {i}."}, {"role": "user", "content": q},
+                            {"role": "assistant", "content": a}]} for i in range(4) for q, a in FACTS]
+    for key, rows in (("sixteen", styled), ("two", [r for r in styled if r["messages"][1]["content"] in {q for q, _ in FACTS[:2]}]),
+                      ("four", styled[::5])):
+        s3.put_object(Bucket=bucket, Key=f"data/{key}.jsonl", Body="".join(json.dumps(r) + "\n" for r in rows).encode())
+    env = {
+        **s3_env, "HF_HUB_OFFLINE": "1", "QLORA_ENGINE": "unsloth", "QLORA_OUTPUT_URI": f"s3://{bucket}/runs",
+        "QLORA_MODEL__NAME": str(qwen3_shaped_model), "QLORA_WORK_DIR": str(tmp_path / "work"),
+        "QLORA_TRAIN__MAX_STEPS": "80", "QLORA_TRAIN__LEARNING_RATE": "2e-3", "QLORA_VERIFY__TRAIN_PROBES": "2",
+        "QLORA_VERIFY__MAX_NEW_TOKENS": "32", "QLORA_EVAL__STRATEGY": "steps", "QLORA_EVAL__STEPS": "20",
+        "QLORA_EVAL__EARLY_STOPPING_PATIENCE": "2", "QLORA_PROMOTION__FAIL_WHEN_NOT_PROMOTED": "true",
+    }
+    champion = run_job(env={**env, "QLORA_RUN_ID": "gpu-champ", "QLORA_DATASET_URI": f"s3://{bucket}/data/sixteen.jsonl",
+                            "QLORA_EVAL__FRACTION": "0.25"}, timeout=900)
+    assert champion.returncode == ExitCode.OK, champion.stderr + champion.stdout[-4000:]
+    metrics = json.loads(s3.get_object(Bucket=bucket, Key="runs/gpu-champ/metrics.json")["Body"].read())
+    assert metrics["engine"] == "unsloth" and metrics["evaluation"]["prompts"] == 4 and metrics["best"] is not None
+    assert [p["step"] for p in metrics["eval_curve"]][:2] == [0, 20] and metrics["eval_loss_after"] == metrics["best"]["eval_loss"]
+    print("gpu-champ:", metrics["steps"], "steps, stopped early:", metrics["stopped_early"], "best:", metrics["best"],
+          "eval curve:", [(p["step"], round(p["eval_loss"], 3)) for p in metrics["eval_curve"]],
+          "answers:", {k: metrics["evaluation"][k] for k in ("tuned", "base", "seconds")})
+
+    weak = run_job(env={**env, "QLORA_RUN_ID": "gpu-weak", "QLORA_DATASET_URI": f"s3://{bucket}/data/two.jsonl",
+                        "QLORA_EVAL__DATASET_URI": f"s3://{bucket}/data/four.jsonl"}, timeout=900)
+    manifest = json.loads(s3.get_object(Bucket=bucket, Key="runs/gpu-weak/manifest.json")["Body"].read())
+    evaluation, promotion = manifest["evaluation"], manifest["promotion"]
+    print("gpu-weak:", {k: evaluation[k] for k in ("tuned", "base", "champion", "seconds")}, promotion)
+    assert evaluation["champion_run_id"] == "gpu-champ" and evaluation["champion"] is not None
+    assert promotion["promoted"] == (evaluation["tuned"]["chrf"] >= evaluation["champion"]["chrf"] - 1.0)
+    assert weak.returncode == (ExitCode.OK if promotion["promoted"] else ExitCode.NOT_PROMOTED), weak.stderr
