@@ -140,6 +140,7 @@ def test_slow_and_erroring_s3_recovers_through_retries(s3, bucket, job_env, faul
     print(f"{faulty.injected} of {faulty.requests} requests failed; run published")
 
 
+@pytest.mark.long  # make test-long (45 s)
 def test_s3_gone_during_upload_exits_10_without_manifest_and_a_restart_completes(s3, bucket, job_env, faulty):
     env = {**job_env, "QLORA_RUN_ID": "gone", "AWS_ENDPOINT_URL_S3": faulty.url, "AWS_MAX_ATTEMPTS": "3"}
     faulty.down_after_put_matching = "/runs/gone/adapter/"
