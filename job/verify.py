@@ -34,13 +34,15 @@ def token_budget(max_new_tokens: int, tokenizer, reference: str | None) -> int:
     return max(max_new_tokens, math.ceil(1.5 * len(tokenizer(reference, add_special_tokens=False)["input_ids"])) + 16)
 
 
-def same_text(answer: str, expected: str) -> bool:
-    """Exact match up to Unicode normalisation (NFC: tokenizers such as Qwen's normalise, data files from
-    macOS often hold NFD Korean) and runs of whitespace."""
-    def norm(text: str) -> str:
-        return " ".join(unicodedata.normalize("NFC", text).split())
+def normalised(text: str) -> str:
+    """NFC (tokenizers such as Qwen's normalise; data files from macOS often hold NFD Korean), runs of
+    whitespace as one space."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
 
-    return norm(answer) == norm(expected)
+
+def same_text(answer: str, expected: str) -> bool:
+    """Exact match up to Unicode normalisation and runs of whitespace."""
+    return normalised(answer) == normalised(expected)
 
 
 def verify_run(settings: Settings, model, tokenizer, train_path: Path, out: Path):

@@ -70,3 +70,48 @@ def test_a_challenger_is_promoted_unless_more_than_the_tolerance_below_the_champ
     settings = Settings(dataset_uri="s3://data/t.jsonl", output_uri="s3://models/runs", promotion={"metric": "exact_match"})
     assert promotion(settings, scores, {"run_id": "champ"}, "")["promoted"] is False
     assert promotion(settings, scores, None, "no champion: x") == {"promoted": True, "reason": "no champion: x", "metric": "exact_match"}
+
+
+def test_the_champion_is_latest_jsons_adapter_on_the_same_base_model_checked_by_its_manifest(tmp_path, clean_env):
+    import hashlib
+
+    from job.evaluate import fetch_champion
+    from job.settings import Settings
+
+    out = tmp_path / "runs"
+    settings = Settings(dataset_uri=str(tmp_path / "d.jsonl"), output_uri=str(out))
+    base = {"name": "Qwen/Qwen3-0.6B", "revision": None, "fingerprint": "abc"}
+    assert fetch_champion(settings, base, "new", tmp_path / "c0") == (None, "no champion: nothing is published under the output prefix yet")
+
+    (out / "old" / "adapter").mkdir(parents=True)
+    weights = b"not really safetensors"
+    (out / "old" / "adapter" / "adapter_model.safetensors").write_bytes(weights)
+    manifest = {"run_id": "old", "objects": [{"key": "adapter/adapter_model.safetensors", "size": len(weights),
+                                              "sha256": hashlib.sha256(weights).hexdigest()}]}
+    (out / "old" / "manifest.json").write_text(json.dumps(manifest))
+    (out / "latest.json").write_text(json.dumps({"run_id": "old", "base_model": {**base, "fingerprint": "other"}}))
+    champion, why = fetch_champion(settings, base, "new", tmp_path / "c1")
+    assert champion is None and why == "no champion: latest.json's run old was trained on another base model"
+
+    (out / "latest.json").write_text(json.dumps({"run_id": "old", "base_model": base}))
+    champion, why = fetch_champion(settings, base, "new", tmp_path / "c2")
+    assert (champion["run_id"], why) == ("old", "")
+    assert (champion["folder"] / "adapter_model.safetensors").read_bytes() == weights
+    assert fetch_champion(Settings(dataset_uri=str(tmp_path / "d.jsonl"), output_uri=str(out), promotion={"compare": False}),
+                          base, "new", tmp_path / "c3")[0] is None
+
+    (out / "old" / "adapter" / "adapter_model.safetensors").write_bytes(b"replaced in place")  # not what the manifest says
+    champion, why = fetch_champion(settings, base, "new", tmp_path / "c4")
+    assert champion is None and "does not match its manifest's sha256" in why
+
+
+def test_answers_are_scored_by_exact_match_up_to_normalisation_and_by_chrf():
+    import unicodedata
+
+    from job.evaluate import score
+
+    korean = "서울은 한국의 수도입니다."
+    nfd = unicodedata.normalize("NFD", korean)  # as files written on macOS often hold it
+    assert score([korean, "Paris  is the capital."], [nfd, "Paris is the capital."]) == {"exact_match": 100.0, "chrf": 100.0}
+    partial = score(["서울은 한국의 도시입니다.", "Lyon."], [korean, "Paris is the capital."])
+    assert partial["exact_match"] == 0.0 and 0 < partial["chrf"] < 100

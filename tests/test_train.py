@@ -278,3 +278,14 @@ def test_early_stopping_keeps_the_best_adapter_and_the_best_survives_a_resume(tm
     assert all(loss > metrics.best["eval_loss"] for step, loss in evaluated.items() if step)
     saved = load_file(resumed.adapter_dir / "adapter_model.safetensors")
     assert saved.keys() == best_weights.keys() and all((saved[k] == best_weights[k]).all() for k in saved)
+
+
+@pytest.mark.parametrize(("strategy", "best_metric"), [("no", None), ("epoch", "eval_loss"), ("steps", "eval_loss")])
+def test_evaluations_during_training_track_the_lowest_eval_loss(strategy, best_metric, tmp_path, clean_env):
+    from job.train import sft_config
+
+    settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path / "out"),
+                        eval={"fraction": 0.1, "strategy": strategy, "steps": 7})
+    args = sft_config(settings, tmp_path / "ckpt", cuda=False)
+    assert (args.eval_strategy, args.metric_for_best_model, args.greater_is_better) == (strategy, best_metric, False)
+    assert args.eval_steps == 7 and args.load_best_model_at_end is False  # the best adapter is kept by our callback
