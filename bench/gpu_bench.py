@@ -236,6 +236,26 @@ def _report(results: dict, out: Path) -> None:
     (out / "bench.json").write_text(json.dumps(results, indent=1))
     # What gets committed: bench/raw/results-DATE-CARD-runN.json.xz (a few KB; the plain JSON is ~25 KB a run).
     (out / "results.json.xz").write_bytes(lzma.compress(json.dumps(results, separators=(",", ":")).encode(), preset=9))
+    append_summary(results, HERE / "summary.json", out / "summary.json")
+
+
+def append_summary(results: dict, *paths: Path) -> dict:
+    """One line a call in bench/summary.json (newest last; also written to OUTDIR to bring back): the headline
+    figures of issue 19. default = job_fast's steady tok/s; e2e = job_e2e's wall; cold start = job_e2e's
+    process start to the end of its first optimizer step (imports, model load, set-up, first compile)."""
+    import datetime
+
+    anchor, fast, e2e = results["anchor"].get("tok_per_s_steady"), results.get("job_fast", {}), results.get("job_e2e", {})
+    default = fast.get("steady_tokens_per_second")
+    entry = {"date": datetime.date.today().isoformat(), "card": results["card"], "anchor_tok_s": anchor, "default_tok_s": default,
+             "ratio": round(default / anchor, 2) if default and anchor else None, "e2e_s": e2e.get("wall_s"),
+             "cold_start_s": e2e.get("first_step_at_s"), "ddp_scaling_matched": results.get("ddp_scaling_matched"),
+             "cold_start_parts_s": {"model_load": e2e.get("model_load_s"),
+                                    "first_step": (e2e.get("step_seconds") or [None])[0]} if e2e else None}
+    summary = json.loads(paths[0].read_text()) if paths[0].exists() else []
+    for path in paths:
+        path.write_text(json.dumps([*summary, entry], indent=1) + "\n")
+    return entry
 
 
 def window_tokens_per_second(run: dict, skip: float = 0.2) -> float | None:

@@ -93,6 +93,7 @@ class TrainMetrics:
     eval_curve: list[dict] = field(default_factory=list)  # {step, tokens, eval_loss}: before, during and after training
     best: dict | None = None  # {step, eval_loss} of the adapter kept, with evaluations during training
     stopped_early: bool = False  # early stopping ended training before its planned steps
+    first_step_at_s: float | None = None  # seconds from this process's start to the end of its first optimizer step
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -421,12 +422,17 @@ def progress_callback(on_progress=None):
             self.steps: list[tuple[float, int]] = []  # (time, tokens seen) at each step's end
             self.non_finite: tuple | None = None
             self.eval_curve: list[dict] = []
+            self.first_step_at: float | None = None
 
         def on_train_begin(self, args, state, control, **kwargs):
             self.start = time.perf_counter()
 
         def on_step_end(self, args, state, control, **kwargs):
             self.steps.append((time.perf_counter(), int(state.num_input_tokens_seen)))
+            if self.first_step_at is None:  # the cold start: imports, model load, set-up, the first step's compile
+                import job
+
+                self.first_step_at = round(time.time() - job.STARTED, 3)
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             logs = logs or {}
@@ -598,4 +604,5 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
         world_size=ranks.world_size, cpu_threads=torch.get_num_threads(), label_check=labels, model_load_s=model_load_s,
         duration=length.as_dict(), epochs_trained=round(trainer.state.epoch, 4) if trainer.state.epoch is not None else None,
         eval_curve=progress.eval_curve, best=best.best if best else None, stopped_early=stopped_early,
+        first_step_at_s=progress.first_step_at,
     )
