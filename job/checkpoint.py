@@ -9,7 +9,9 @@ resumes from the newest uploaded checkpoint that validates, falling back to olde
 Each uploaded checkpoint ends with a COMPLETE marker, written last: one without it is ignored.
 
 With evaluations during training, the adapter of the lowest eval loss so far is kept in a folder beside
-the checkpoints and travels inside each one (best-adapter/), so a resumed run still knows it."""
+the checkpoints and travels inside each one as two files (best-adapter.safetensors, best-adapter.json), so a
+resumed run still knows it. Not as a folder: the Trainer reads any checkpoint subfolder holding adapter weights
+as a second adapter and then leaves the trained one at its initial weights."""
 
 import json
 import math
@@ -26,8 +28,9 @@ log = get_logger(__name__)
 MARKER = "COMPLETE"
 NAME = re.compile(r"^checkpoint-(\d+)$")
 REQUIRED = ("trainer_state.json", "adapter_model.safetensors", "adapter_config.json")
-BEST = "best-adapter"  # inside a checkpoint: the best adapter when it was saved
-BEST_INFO = "best.json"  # {step, eval_loss} of that adapter
+BEST_INFO = "best.json"  # {step, eval_loss} of the best adapter, beside its weights in the best folder
+WEIGHTS = "adapter_model.safetensors"
+IN_CHECKPOINT = {WEIGHTS: "best-adapter.safetensors", BEST_INFO: "best-adapter.json"}  # best folder -> checkpoint
 
 
 def checkpoints_uri(run_uri: str) -> str:
@@ -143,7 +146,8 @@ def checkpoint_callback(stop: StopRequest, run_uri: str, every_steps: int, every
             if state.is_world_process_zero:
                 folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
                 if best_dir is not None and (best_dir / BEST_INFO).exists():
-                    shutil.copytree(best_dir, folder / BEST, dirs_exist_ok=True)
+                    for name, stored in IN_CHECKPOINT.items():
+                        shutil.copyfile(best_dir / name, folder / stored)
                 upload_checkpoint(folder, run_uri, keep)
 
     return Checkpointing()
@@ -156,19 +160,19 @@ def best_adapter_callback(folder: Path, resume_from: Path | None):
     from transformers import TrainerCallback
 
     shutil.rmtree(folder, ignore_errors=True)  # a best of an earlier attempt that left no checkpoint is no candidate
-    if resume_from is not None and (resume_from / BEST / BEST_INFO).exists():
-        shutil.copytree(resume_from / BEST, folder)
+    if resume_from is not None and (resume_from / IN_CHECKPOINT[BEST_INFO]).exists():
+        folder.mkdir(parents=True)
+        for name, stored in IN_CHECKPOINT.items():
+            shutil.copyfile(resume_from / stored, folder / name)
 
     class BestAdapter(TrainerCallback):
         def __init__(self):
             self.best = json.loads((folder / BEST_INFO).read_text()) if (folder / BEST_INFO).exists() else None
-            self.last_eval_step: int | None = None
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
             loss = (metrics or {}).get("eval_loss")
             if loss is None or state.global_step == 0 or not math.isfinite(loss):
                 return  # the evaluation before training is the base line, not a candidate
-            self.last_eval_step = state.global_step
             if self.best is not None and loss >= self.best["eval_loss"]:
                 return
             self.best = {"step": state.global_step, "eval_loss": float(loss)}

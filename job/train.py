@@ -172,6 +172,7 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: planning.
         eval_steps=settings.eval.steps,
         metric_for_best_model="eval_loss" if settings.eval.strategy != "no" else None,
         greater_is_better=False,
+        restore_callback_states_from_checkpoint=True,  # early stopping's counter: off, a resumed run would start it at 0
         ddp_find_unused_parameters=False,  # every LoRA weight is used each step; the search costs a pass
         ddp_broadcast_buffers=False,  # the only buffers are rotary tables, equal on every rank
         disable_tqdm=not sys.stdout.isatty(),
@@ -518,11 +519,11 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=spec.mean_row_tokens, **plan.as_dict())
     stop, progress = checkpoint.StopRequest(), progress_callback(on_progress)
     cp, evaluation = settings.checkpoint, settings.eval
-    best = checkpoint.best_adapter_callback(spec.checkpoint_dir.parent / "best-adapter", spec.resume_from) \
-        if evaluation.strategy != "no" else None
+    best_folder = spec.checkpoint_dir.parent / "best-adapter"  # the lowest eval loss's adapter, beside the checkpoints
+    best = checkpoint.best_adapter_callback(best_folder, spec.resume_from) if evaluation.strategy != "no" else None
     callbacks = [progress, *([best] if best else []),
                  checkpoint.checkpoint_callback(stop, spec.run_uri, cp.every_steps, cp.every_minutes, cp.keep,
-                                                spec.checkpoint_dir.parent / "best-adapter" if best else None),
+                                                best_folder if best else None),
                  *extra_callbacks]
     if evaluation.early_stopping_patience:
         from transformers import EarlyStoppingCallback
@@ -567,15 +568,13 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
 
     steps = trainer.state.global_step
     stopped_early = steps < length.steps
-    if best is not None and best.last_eval_step == steps:  # evaluated at the last step already
+    if best is not None and progress.eval_curve and progress.eval_curve[-1]["step"] == steps:  # evaluated at the last step already
         eval_after = progress.eval_curve[-1]["eval_loss"]
     else:
         eval_after = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
     if best is not None and best.best is not None and best.best["eval_loss"] < eval_after:
         if trainer.is_world_process_zero():  # the one process that saves: it publishes the best adapter, not the last
-            from job import warmstart
-
-            warmstart.load_into(model, best_folder := spec.checkpoint_dir.parent / "best-adapter")
+            engine.load_adapter_weights(model, best_folder)
             log.info("keeping the best adapter, not the last", best_step=best.best["step"], best_eval_loss=best.best["eval_loss"],
                      last_step=steps, last_eval_loss=eval_after, folder=str(best_folder))
         eval_after = best.best["eval_loss"]
