@@ -92,8 +92,7 @@ def publish_outputs(settings: Settings, run_id: str, run_uri: str, out: Path, me
     log.info("run published", manifest=storage.join(run_uri, publish.MANIFEST), promoted=published["promotion"]["promoted"])
     if not published["promotion"]["promoted"]:
         log.warning("run not promoted: latest.json stays on the champion", reason=published["promotion"]["reason"])
-    retrain.move_latest(settings.output_uri, published)
-    champion = (retrain.read_latest(settings.output_uri) or {}).get("run_id")
+    champion = retrain.move_latest(settings.output_uri, published)
     retrain.apply_retention(settings.output_uri, settings.retrain.keep_runs, protect={run_id, champion})
     checkpoint.delete_checkpoints(run_uri)
     return published["promotion"]["promoted"]

@@ -215,6 +215,21 @@ def load_for_training(settings: Settings, engine: str, source: str, device: int 
     )), tokenizer
 
 
+def load_adapter_weights(model, folder: Path) -> None:
+    """Put a saved adapter's LoRA weights (adapter_model.safetensors in `folder`) into the model's attached
+    adapter of the same shape (either engine's peft model). ValueError names what does not fit."""
+    from peft import set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    try:
+        result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
+    except RuntimeError as error:  # a size mismatch: trained on a base model of another shape
+        raise ValueError(f"the adapter does not fit this base model: {str(error).splitlines()[-1].strip()}") from None
+    unexpected = [key for key in result.unexpected_keys if "lora_" in key]
+    if unexpected:
+        raise ValueError(f"the adapter has weights this model has no place for ({unexpected[0]})")
+
+
 def _token_ids(tokenizer, tokens: list[str]) -> list[int]:
     vocab = tokenizer.get_vocab()
     unknown = [t for t in tokens if t not in vocab]

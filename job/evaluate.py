@@ -39,13 +39,13 @@ def generate_answers(model, tokenizer, conversations: list[list[dict]], max_new_
     from job.chat import stop_token_ids
 
     stop = stop_token_ids(tokenizer)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else stop[0]
+    if tokenizer.pad_token_id is None:  # left padding needs one; the stop token never shows in an answer
+        tokenizer.pad_token_id = stop[0]
+    pad = tokenizer.pad_token_id
     answers = []
     for start in range(0, len(conversations), batch_size):
         texts = [tokenizer.apply_chat_template(messages, add_generation_prompt=True, enable_thinking=False, tokenize=False)
                  for messages in conversations[start:start + batch_size]]
-        if tokenizer.pad_token_id is None:
-            tokenizer.pad_token_id = pad
         inputs = tokenizer(texts, return_tensors="pt", padding=True, padding_side="left", add_special_tokens=False).to(model.device)
         with torch.inference_mode():
             output = model.generate(**inputs, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=stop,

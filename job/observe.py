@@ -33,15 +33,19 @@ class Pusher:
     `every` seconds (final pushes always go). A failing push is a warning, never a failed run."""
 
     def __init__(self, url: str | None, run_id: str, every: float):
-        from prometheus_client import CollectorRegistry, Gauge
+        from prometheus_client import CollectorRegistry
 
         self.url, self.run_id, self.every, self.last = url, run_id, every, 0.0
         self.registry = CollectorRegistry()
-        self.gauges = {name: Gauge(f"qlora_{name}", text, registry=self.registry) for name, text in GAUGES.items()}
+        self.gauges: dict = {}  # made on first set: a value never measured (no champion, no eval set) is not pushed as 0
 
     def update(self, force: bool = False, **values) -> None:
+        from prometheus_client import Gauge
+
         for name, value in values.items():
-            if value is not None and name in self.gauges:
+            if value is not None and name in GAUGES:
+                if name not in self.gauges:
+                    self.gauges[name] = Gauge(f"qlora_{name}", GAUGES[name], registry=self.registry)
                 self.gauges[name].set(float(value))
         if self.url and (force or time.monotonic() - self.last >= self.every):
             self.push()

@@ -78,21 +78,22 @@ def _short(value) -> str:
     return f"sha256 {str(value)[:12]}"
 
 
-def move_latest(output_uri: str, manifest: dict) -> None:
+def move_latest(output_uri: str, manifest: dict) -> str | None:
     """Point latest.json at a published run, described by its manifest, unless it already points at
     a newer one. Called after the manifest is written, and again by a retried pod that finds the
-    manifest (so a failed move heals on retry)."""
-    if not (manifest.get("promotion") or {}).get("promoted", True):
-        return  # published, but worse than the champion on held-out answers (job/evaluate.py)
+    manifest (so a failed move heals on retry). Returns the run id latest.json points to afterwards."""
     latest = read_latest(output_uri)
+    if not (manifest.get("promotion") or {}).get("promoted", True):
+        return (latest or {}).get("run_id")  # published, but worse than the champion on held-out answers (job/evaluate.py)
     if latest and (latest.get("run_id") == manifest["run_id"] or (latest.get("published_at") or "") > manifest["published_at"]):
-        return
+        return latest.get("run_id")
     body = {"run_id": manifest["run_id"], "manifest": storage.join(output_uri, manifest["run_id"], MANIFEST),
             "published_at": manifest["published_at"], "dataset_sha256": manifest["dataset"]["sha256"],
             "settings_sha256": manifest.get("settings_sha256"),
             "base_model": manifest["base_model"]}
     storage.put_bytes(json.dumps(body, indent=2).encode(), storage.join(output_uri, LATEST))
     log.info("latest.json moved", run_id=manifest["run_id"])
+    return manifest["run_id"]
 
 
 def apply_retention(output_uri: str, keep: int, protect: set[str]) -> list[str]:

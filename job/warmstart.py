@@ -66,13 +66,9 @@ def _check_base(theirs: dict, ours: dict, uri: str) -> None:
 
 def load_into(model, folder: Path) -> None:
     """Put the parent's LoRA weights into the freshly attached adapter (either engine's peft model)."""
-    from peft import set_peft_model_state_dict
-    from peft.utils import load_peft_weights
+    from job import engine
 
     try:
-        result = set_peft_model_state_dict(model, load_peft_weights(str(folder), device="cpu"))
-    except RuntimeError as error:  # a size mismatch: trained on a base model of another shape
-        raise ConfigError(f"QLORA_LORA__INIT_FROM: the parent adapter does not fit this base model: {str(error).splitlines()[-1].strip()}") from None
-    unexpected = [key for key in result.unexpected_keys if "lora_" in key]
-    if unexpected:
-        raise ConfigError(f"QLORA_LORA__INIT_FROM: the parent adapter has weights this model has no place for ({unexpected[0]})")
+        engine.load_adapter_weights(model, folder)
+    except ValueError as error:
+        raise ConfigError(f"QLORA_LORA__INIT_FROM: the parent {error}") from None

@@ -148,6 +148,7 @@ def test_pushgateway_tensorboard_and_loss_curve_png(s3, bucket, job_env, tmp_pat
     evaluation = _json(s3, bucket, "runs/observed/metrics.json")["evaluation"]  # one held-out prompt, no champion
     assert (final["qlora_answer_chrf"], final["qlora_base_answer_exact_match"], final["qlora_promoted"]) == (
         evaluation["tuned"]["chrf"], evaluation["base"]["exact_match"], 1)
+    assert "qlora_champion_answer_chrf" not in final, "no champion: nothing measured, so no gauge (not a 0)"
     pushed = {g["qlora_eval_loss"] for g in progress if g.get("qlora_eval_loss")}  # before, at steps 50, 100, 150
     evaluated = {e["eval_loss"] for e in _json(s3, bucket, "runs/observed/metrics.json")["eval_curve"]}
     assert len(evaluated) == 4 and len(pushed) >= 3 and pushed <= evaluated, (pushed, evaluated)
