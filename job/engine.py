@@ -26,6 +26,17 @@ os.environ.setdefault("UNSLOTH_DISABLE_STATISTICS", "1")  # no phoning home from
 os.environ.setdefault("UNSLOTH_FUSED_LINEAR", "0")
 
 
+def enable_block_cuda_graphs(max_shapes: int) -> None:
+    """Unsloth's per-block CUDA graphs (its _block_compile reads these when `import unsloth` runs, so this
+    comes first); a variable already set in the environment wins."""
+    import sys
+
+    if "unsloth" in sys.modules:
+        log.warning("unsloth already imported: CUDA graphs stay as its environment set them")
+    os.environ.setdefault("UNSLOTH_BLOCK_CUDAGRAPHS", "1")
+    os.environ.setdefault("UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES", str(max_shapes))
+
+
 def has_cuda() -> bool:
     import torch
 

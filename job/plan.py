@@ -27,6 +27,12 @@ ROW_TOKENS_BEFORE_MEASURING = 512  # mean row length assumed when the data has n
 # Every new micro-batch length costs an attention plan the first time a GPU sees it; lengths padded to a
 # multiple of this repeat early, for a little more padding.
 CUDA_PAD_MULTIPLE = 64
+# CUDA graphs per decoder block (Unsloth's UNSLOTH_BLOCK_CUDAGRAPHS): a step replays recorded kernels instead
+# of launching ~6k of them from Python (run 30: median step 0.150 s against 0.273 s at 16 rows of ~573
+# tokens, the same losses to 3 digits). Each new batch shape is recorded once (~2 s), so lengths are padded
+# to 128 to meet fewer; past Unsloth's cap of shapes a layer kind compiles again without graphs (~13 s).
+CUDA_GRAPHS_PAD_MULTIPLE = 128
+CUDA_GRAPH_SHAPES = 16
 SEED_MAX_STEPS = 60  # the tutorial's run length
 # The fast recipe's length when neither epochs nor steps are set: 3 passes took SmolLM2-135M's held-out loss
 # on invented facts from 1.95 to 0.65 (bench/RESULTS.md runs 25-27), and a length in epochs grows with the data
@@ -45,6 +51,7 @@ class BatchPlan:
     rows_per_step: int
     learning_rate: float
     warmup_steps: int
+    cuda_graphs: bool = False
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -111,6 +118,16 @@ def duration(settings: Settings, micro_batches_per_epoch: int, accumulation: int
     return Duration(epochs=epochs, max_steps=max_steps, steps_per_epoch=per_epoch, steps=max(steps, 1))
 
 
+def cuda_graphs(settings: Settings, world_size: int) -> bool:
+    """Whether training replays CUDA graphs per decoder block (Unsloth engine on CUDA only): the fast recipe on
+    one process, unless QLORA_TRAIN__CUDA_GRAPHS says otherwise. Not with packing (a new shape every batch),
+    not under DDP (not measured there yet)."""
+    train = settings.train
+    if train.cuda_graphs is not None:
+        return train.cuda_graphs
+    return train.recipe == "fast" and not train.packing and world_size == 1
+
+
 def batch_plan(settings: Settings, mean_row_tokens: float | None = None, world_size: int = 1,
                dataset_rows: int | None = None, cuda: bool = False) -> BatchPlan:
     """The batch shape, learning rate and warm-up for the chosen recipe; explicit settings always win.
@@ -133,6 +150,7 @@ def batch_plan(settings: Settings, mean_row_tokens: float | None = None, world_s
     if dataset_rows and not train.per_device_batch_size:  # a micro-batch never holds more rows than there are
         per_device = min(per_device, max(1, math.ceil(dataset_rows / world_size)))
     accumulation = train.gradient_accumulation_steps or (SEED_ACCUMULATION if seed else 1)
+    graphs = cuda and cuda_graphs(settings, world_size)
     rows_per_step = per_device * accumulation * world_size
     if train.packing:  # each packed sequence holds several rows
         rows_per_step *= max(1, settings.model.max_seq_length // int(row_tokens))
@@ -145,9 +163,11 @@ def batch_plan(settings: Settings, mean_row_tokens: float | None = None, world_s
         gradient_accumulation_steps=accumulation,
         packing=train.packing,
         sampling="group_by_length" if not seed and not train.packing else "random",
-        pad_to_multiple_of=train.pad_to_multiple_of or (CUDA_PAD_MULTIPLE if cuda and not seed and not train.packing else None),
+        pad_to_multiple_of=train.pad_to_multiple_of or (
+            (CUDA_GRAPHS_PAD_MULTIPLE if graphs else CUDA_PAD_MULTIPLE) if cuda and not seed and not train.packing else None),
         world_size=world_size,
         rows_per_step=rows_per_step,
         learning_rate=train.learning_rate or SEED_LEARNING_RATE * scale,
         warmup_steps=warmup,
+        cuda_graphs=graphs,
     )

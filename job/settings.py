@@ -112,6 +112,14 @@ class TrainSettings(Section):
         description="Pad each micro-batch's length to a multiple of this; unset: fast recipe on CUDA 64 (few distinct shapes, "
         "so attention plans are built for few lengths), otherwise no extra padding.",
     )
+    cuda_graphs: bool | None = Field(
+        None, description="Unsloth engine on CUDA: replay each decoder block's kernels as CUDA graphs (Unsloth's "
+        "UNSLOTH_BLOCK_CUDAGRAPHS; the step is bound by launching kernels, not by the GPU), lengths padded to 128. "
+        "Unset: on for the fast recipe on one process without packing.")
+    compile_cache: bool = Field(
+        True, description="On CUDA: load torch.compile's caches from <output_uri>/compile-cache/ before training and store "
+        "them after, so the next run skips most of the first step's compile (job/compile_cache.py; the cache is code the "
+        "next run executes: turn it off if others can write the output prefix).")
     learning_rate: float | None = Field(
         None, gt=0,
         description="Peak learning rate; unset: seed 2e-4, fast scaled up with the rows a step (docs/design.md).",

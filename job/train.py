@@ -15,7 +15,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-from job import chat, checkpoint, distributed
+from job import chat, checkpoint, compile_cache, distributed
 from job import plan as planning
 from job.data import DataReport
 from job.errors import ConfigError, DataError, NonFiniteLoss, OutOfMemory, Terminated, VerifyError
@@ -502,7 +502,10 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
 
     from job import engine
 
-    settings, ranks = spec.settings, distributed.ranks()
+    settings, ranks, cuda = spec.settings, distributed.ranks(), torch.cuda.is_available()
+    if cuda and spec.engine == "unsloth" and planning.cuda_graphs(settings, ranks.world_size):
+        engine.enable_block_cuda_graphs(planning.CUDA_GRAPH_SHAPES)
+    cache_bytes = compile_cache.restore(settings.output_uri) if settings.train.compile_cache and cuda else None
     started = time.perf_counter()
     model, tokenizer = engine.load_for_training(settings, spec.engine, spec.model_source, device=ranks.local_rank)
     if spec.init_adapter is not None and spec.resume_from is None:  # a checkpoint holds the weights trained since
@@ -514,7 +517,6 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     dataset = load_from_disk(str(spec.train_dataset))
     eval_dataset = load_from_disk(str(spec.eval_dataset)) if spec.eval_dataset else None
 
-    cuda = torch.cuda.is_available()
     plan = planning.batch_plan(settings, spec.mean_row_tokens, ranks.world_size, len(dataset), cuda)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=spec.mean_row_tokens, **plan.as_dict())
     stop, progress = checkpoint.StopRequest(), progress_callback(on_progress)
@@ -584,6 +586,8 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
         log.info("stopped early: no lower eval loss", step=steps, planned_steps=length.steps,
                  patience=evaluation.early_stopping_patience)
     if trainer.is_world_process_zero():
+        if cache_bytes is not None:
+            compile_cache.save(settings.output_uri, cache_bytes)
         spec.adapter_dir.mkdir(parents=True, exist_ok=True)
         model.save_pretrained(str(spec.adapter_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(spec.adapter_dir))

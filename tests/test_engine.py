@@ -98,3 +98,14 @@ def test_trainable_tokens_train_those_embedding_rows_and_name_an_unknown_token(c
     settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path), lora={"trainable_tokens": ["<|no_such|>"]})
     with pytest.raises(ConfigError, match="'<|no_such|>' is not a token of the model's tokenizer"):
         engine.load_for_training(settings, "transformers", str(tiny_model))
+
+
+def test_block_cuda_graphs_are_asked_of_unsloth_through_its_environment_and_a_set_variable_wins(monkeypatch):
+    import os
+
+    from job import engine
+
+    monkeypatch.delenv("UNSLOTH_BLOCK_CUDAGRAPHS", raising=False)
+    monkeypatch.setenv("UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES", "4")
+    engine.enable_block_cuda_graphs(16)
+    assert (os.environ["UNSLOTH_BLOCK_CUDAGRAPHS"], os.environ["UNSLOTH_BLOCK_CUDAGRAPHS_MAX_SHAPES"]) == ("1", "4")

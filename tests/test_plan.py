@@ -26,9 +26,16 @@ def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean
     plan = batch_plan(s, mean_row_tokens=1100).as_dict()
     assert plan.pop("learning_rate") == pytest.approx(2e-4 * 1.75)
     assert plan == {"per_device_batch_size": 14, "gradient_accumulation_steps": 1, "packing": False, "sampling": "group_by_length",
-                    "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 14, "warmup_steps": 3}
-    # On a GPU, lengths are padded to a multiple of 64 so shapes repeat (kernels are not rebuilt mid-run).
-    assert batch_plan(s, mean_row_tokens=580, cuda=True).pad_to_multiple_of == 64
+                    "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 14, "warmup_steps": 3, "cuda_graphs": False}
+    # On a GPU each decoder block replays CUDA graphs, one recording a batch shape: lengths are padded to a
+    # multiple of 128 so few shapes repeat; without graphs (two processes, or turned off) to 64.
+    gpu = batch_plan(s, mean_row_tokens=580, cuda=True)
+    assert (gpu.cuda_graphs, gpu.pad_to_multiple_of) == (True, 128)
+    for plan in (batch_plan(s, mean_row_tokens=580, world_size=2, cuda=True),
+                 batch_plan(settings(cuda_graphs=False), mean_row_tokens=580, cuda=True)):
+        assert (plan.cuda_graphs, plan.pad_to_multiple_of) == (False, 64)
+    assert not batch_plan(settings(packing=True), cuda=True).cuda_graphs and not batch_plan(settings(recipe="seed"), cuda=True).cuda_graphs
+    assert batch_plan(settings(cuda_graphs=True, recipe="seed"), cuda=True).cuda_graphs, "an explicit setting wins"
     # Shorter rows would fill the budget with more rows (28 of 580 tokens, 819 of 20): a step takes at most
     # 16 (held-out loss on real weights, bench/RESULTS.md), at twice the seed's rate; two GPUs share them.
     for row_tokens in (580, 20):

@@ -21,7 +21,7 @@ def test_defaults_are_the_seed_tutorials_recipe(clean_env, monkeypatch):
     s.train.recipe = "seed"
     assert batch_plan(s).as_dict() == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
                                        "sampling": "random", "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 8,
-                                       "learning_rate": 2e-4, "warmup_steps": 5}
+                                       "learning_rate": 2e-4, "warmup_steps": 5, "cuda_graphs": False}
     assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (None, None, "linear", None)
     assert (t.weight_decay, t.seed, s.model.max_seq_length, s.model.load_in_4bit) == (0.01, 3407, 2048, True)
     assert s.data.max_reject_ratio == 0.0 and s.engine == "auto"
