@@ -109,8 +109,8 @@ class TrainSettings(Section):
     micro_batch_tokens: int = Field(16384, ge=64, description="Fast recipe: token budget of one micro-batch, at most 16 rows a step (job/plan.py).")
     pad_to_multiple_of: int | None = Field(
         None, ge=1,
-        description="Pad each micro-batch's length to a multiple of this; unset: fast recipe on CUDA 64 (few distinct shapes, "
-        "so attention plans are built for few lengths), otherwise no extra padding.",
+        description="Pad each micro-batch's length to a multiple of this; unset: fast recipe on CUDA 128 with CUDA graphs, "
+        "64 without (few distinct shapes, so few graphs and attention plans are built), otherwise no extra padding.",
     )
     cuda_graphs: bool | None = Field(
         None, description="Unsloth engine on CUDA: replay each decoder block's kernels as CUDA graphs (Unsloth's "
