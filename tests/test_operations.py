@@ -39,6 +39,7 @@ def _run_ids(s3, bucket):
     return sorted({k.split("/")[1] for k in _objects(s3, bucket, "runs/") if k.count("/") >= 2})
 
 
+@pytest.mark.long  # make test-long (~95 s): keeps make test under 15 minutes on 2 cores
 def test_retraining_skips_unchanged_moves_latest_and_keeps_the_newest_runs(s3, bucket, job_env, tiny_model, tmp_path):
     base = tmp_path / "base"  # a base model folder this test may change in place
     shutil.copytree(tiny_model, base)
@@ -182,6 +183,7 @@ def test_unreachable_pushgateway_is_a_warning_and_missing_integration_is_exit_2(
     assert result.stderr.strip().splitlines()[-1].startswith("qlora-job: error: QLORA_METRICS__REPORT_TO: wandb is not installed")
 
 
+@pytest.mark.long  # make test-long (~65 s): keeps make test under 15 minutes on 2 cores
 def test_held_out_evaluation_and_its_gate(s3, bucket, job_env, tmp_path):
     # 16 rows, each fact four times with different system prompts: 4 held out, 12 trained on.
     body = "".join(json.dumps({"messages": [{"role": "system", "content": f"Style {i}."}, {"role": "user", "content": q},
