@@ -66,7 +66,7 @@ $(REAL_MODEL)/.complete: job/smollm2.py | $(LLAMA_CPP)/models/ggml-vocab-qwen2.g
 	touch $@  # also when the folder was already built from the same file
 
 .PHONY: test-long test-real
-test-long: install tools real-model ## The longest end-to-end checks, kept out of make test for time (~13 min on 2 cores): merged and GGUF exports, Pushgateway and report_to, two-node rendezvous, five preemption trials, slow S3, S3 gone mid-upload, retraining and retention, the held-out eval gate, the compile cache
+test-long: install tools real-model ## The longest end-to-end checks, kept out of make test for time (~15 min on 2 cores): merged and GGUF exports, Pushgateway and report_to, two-node rendezvous, five preemption trials, slow S3, S3 gone mid-upload, retraining and retention, the held-out eval gate, the compile cache, warm starts, earlier turns
 	$(BIN)/python -m pytest -m long $(PYTEST_ARGS)
 
 test-real: install tools real-model ## Only the real-model tests: SmolLM2-135M-Instruct's set-up, and invented facts learnt through the job, a weak challenger not promoted (~3 min on 2 cores)

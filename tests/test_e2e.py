@@ -177,7 +177,7 @@ def test_sharded_compressed_weighted_data_is_learned_and_recorded(s3, bucket, s3
     assert verify["passed"], verify
 
 
-@pytest.mark.slow
+@pytest.mark.long  # make test-long (~50 s): keeps make test under 15 minutes on 2 cores
 def test_an_earlier_turn_of_a_conversation_is_learned_unless_only_the_last_is_trained(s3, bucket, s3_run):
     """Two conversations of two exchanges each: asked an earlier turn's question on its own, the tuned model
     gives that turn's answer, which it can only have learned from that turn's loss."""
@@ -200,7 +200,7 @@ def test_an_earlier_turn_of_a_conversation_is_learned_unless_only_the_last_is_tr
     assert "probe 0" in result.stderr and not _objects(s3, bucket, "runs/last-only/")
 
 
-@pytest.mark.slow
+@pytest.mark.long  # make test-long (~45 s): keeps make test under 15 minutes on 2 cores
 def test_a_warm_start_continues_from_the_latest_adapter_and_refuses_one_that_does_not_fit(s3, bucket, s3_run, tiny_model):
     env = {**s3_run, "QLORA_LORA__INIT_FROM": "latest"}
     first = run_job(env=env)  # nothing published yet: fresh weights
