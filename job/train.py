@@ -185,7 +185,7 @@ def drop_overlength(dataset, tokenizer, max_length: int, mode: str) -> tuple[obj
     "truncate", kept (the trainer truncates them)."""
 
     def measure(batch):  # rendered, then tokenized a batch at a time: the Rust tokenizer spreads it over the cores
-        texts = tokenizer.apply_chat_template([p + c for p, c in zip(batch["prompt"], batch["completion"])], tokenize=False)
+        texts = tokenizer.apply_chat_template([p + c for p, c in zip(batch["prompt"], batch["completion"], strict=True)], tokenize=False)
         return {"n_tokens": [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]}
 
     dataset = dataset.map(measure, batched=True, batch_size=1000, desc="Measuring rows")
@@ -302,10 +302,9 @@ def prepare(settings: Settings, engine_name: str, source: str, report: DataRepor
     from job import engine
 
     dataset, eval_dataset, mean_row_tokens = training_rows(settings, report, eval_report, engine.load_tokenizer(settings, source))
-    dataset.remove_columns([c for c in ("source", "format") if c in dataset.column_names]).save_to_disk(str(work / "train-dataset"))
-    if eval_dataset is not None:
-        eval_dataset.remove_columns([c for c in ("source", "format") if c in eval_dataset.column_names]).save_to_disk(
-            str(work / "eval-dataset"))
+    for rows, folder in ((dataset, "train-dataset"), (eval_dataset, "eval-dataset")):
+        if rows is not None:  # the sampling columns stay behind: the trainer reads prompt and completion
+            rows.remove_columns([c for c in ("source", "format") if c in rows.column_names]).save_to_disk(str(work / folder))
     out = work / "publish"
     if "tensorboard" in settings.metrics.report_to:  # event files go up with the run unless the user points them elsewhere
         os.environ.setdefault("TENSORBOARD_LOGGING_DIR", str(out / "tensorboard"))
@@ -503,7 +502,11 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     from job import engine
 
     settings, ranks, cuda = spec.settings, distributed.ranks(), torch.cuda.is_available()
-    if cuda and spec.engine == "unsloth" and planning.cuda_graphs(settings, ranks.world_size):
+    dataset = load_from_disk(str(spec.train_dataset))
+    eval_dataset = load_from_disk(str(spec.eval_dataset)) if spec.eval_dataset else None
+    plan = planning.batch_plan(settings, spec.mean_row_tokens, ranks.world_size, len(dataset), cuda)
+    log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=spec.mean_row_tokens, **plan.as_dict())
+    if plan.cuda_graphs and spec.engine == "unsloth":  # before the model load: Unsloth reads it when imported
         engine.enable_block_cuda_graphs(planning.CUDA_GRAPH_SHAPES)
     cache_bytes = compile_cache.restore(settings.output_uri) if settings.train.compile_cache and cuda else None
     started = time.perf_counter()
@@ -514,11 +517,6 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
         warmstart.load_into(model, spec.init_adapter)
     model_load_s = round(time.perf_counter() - started, 3)
     log.info("model loaded", engine=spec.engine, source=spec.model_source, seconds=model_load_s)
-    dataset = load_from_disk(str(spec.train_dataset))
-    eval_dataset = load_from_disk(str(spec.eval_dataset)) if spec.eval_dataset else None
-
-    plan = planning.batch_plan(settings, spec.mean_row_tokens, ranks.world_size, len(dataset), cuda)
-    log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=spec.mean_row_tokens, **plan.as_dict())
     stop, progress = checkpoint.StopRequest(), progress_callback(on_progress)
     cp, evaluation = settings.checkpoint, settings.eval
     best_folder = spec.checkpoint_dir.parent / "best-adapter"  # the lowest eval loss's adapter, beside the checkpoints

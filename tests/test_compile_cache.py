@@ -2,6 +2,7 @@
 process with empty local caches loads what the first compiled and Inductor hits its cache instead of compiling."""
 
 import json
+import os
 import subprocess
 import sys
 
@@ -23,7 +24,7 @@ print("RESULT " + json.dumps({"restored": restored, "saved": saved, "hits": coun
 
 
 def _run(output_uri: str, cache_dir) -> dict:
-    env = {**__import__("os").environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}  # a fresh node's empty local caches
+    env = {**os.environ, "TORCHINDUCTOR_CACHE_DIR": str(cache_dir)}  # a fresh node's empty local caches
     done = subprocess.run([sys.executable, "-c", PROGRAM, output_uri], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(next(line for line in done.stdout.splitlines() if line.startswith("RESULT "))[7:])
