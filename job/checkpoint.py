@@ -54,8 +54,8 @@ def _valid(folder: Path) -> bool:
         state = json.loads((folder / "trainer_state.json").read_text())
         with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as tensors:
             next(iter(tensors.keys()))
-        return all((folder / name).exists() for name in REQUIRED) and state["global_step"] > 0
-    except (OSError, ValueError, KeyError, StopIteration, RuntimeError):
+        return all((folder / name).exists() for name in REQUIRED) and type(state["global_step"]) is int and state["global_step"] > 0
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, RuntimeError, RecursionError):  # TypeError: state is not an object
         return False
 
 
@@ -153,6 +153,21 @@ def checkpoint_callback(stop: StopRequest, run_uri: str, every_steps: int, every
     return Checkpointing()
 
 
+def read_best(folder: Path) -> dict | None:
+    """{step, eval_loss} of the best adapter kept in folder; None when there is none, or when best.json is not
+    one this job wrote (a checkpoint is read back from the bucket: its best is then no candidate)."""
+    if not (folder / BEST_INFO).exists():
+        return None
+    try:
+        best = json.loads((folder / BEST_INFO).read_text(encoding="utf-8"))
+    except (OSError, ValueError, RecursionError):
+        best = None
+    if not (isinstance(best, dict) and type(best.get("step")) is int and type(best.get("eval_loss")) in (int, float)):
+        log.warning("the checkpoint's best-adapter record is not one this job wrote; it is ignored", folder=str(folder))
+        return None
+    return best
+
+
 def best_adapter_callback(folder: Path, resume_from: Path | None):
     """A TrainerCallback that saves the adapter into `folder` whenever an evaluation during training finds a
     new lowest eval loss (global rank 0 writes; every rank keeps the same record). A resumed run starts from
@@ -164,10 +179,13 @@ def best_adapter_callback(folder: Path, resume_from: Path | None):
         folder.mkdir(parents=True)
         for name, stored in IN_CHECKPOINT.items():
             shutil.copyfile(resume_from / stored, folder / name)
+    resumed_best = read_best(folder)
+    if resumed_best is None:  # weights without a record this job wrote are no candidate either
+        shutil.rmtree(folder, ignore_errors=True)
 
     class BestAdapter(TrainerCallback):
         def __init__(self):
-            self.best = json.loads((folder / BEST_INFO).read_text()) if (folder / BEST_INFO).exists() else None
+            self.best = resumed_best
 
         def on_evaluate(self, args, state, control, metrics=None, model=None, **kwargs):
             loss = (metrics or {}).get("eval_loss")

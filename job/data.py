@@ -27,7 +27,7 @@ import zstandard
 from job import storage
 from job.errors import DataError
 from job.logs import get_logger
-from job.settings import Settings, dataset_sources
+from job.settings import DataSettings, Settings, dataset_sources
 
 log = get_logger(__name__)
 
@@ -214,68 +214,105 @@ def convert_row(row: object, system_prompt: str | None = None) -> tuple[str, lis
     return kind, prompt, completion
 
 
-def _read_lines(f, max_line_bytes: int):
-    """Yield (line number, bytes or None when longer than max_line_bytes); never holds more than one line."""
-    number = 0
+class _Bomb(Exception):
+    """A shard decompressed past QLORA_DATA__MAX_COMPRESSION_RATIO times the compressed bytes read."""
+
+
+BOMB_FLOOR = 4 << 20  # decompressed bytes always allowed, so a small, very repetitive shard is no bomb
+
+
+def _read_lines(f, max_line_bytes: int, guard=None):
+    """Yield (line number, bytes or None when longer than max_line_bytes); never holds more than one line.
+    `guard(decompressed bytes so far)` is called after every MiB read and may raise _Bomb."""
+    number, total, next_check = 0, 0, 1 << 20
     while True:
         line = f.readline(max_line_bytes + 1)
         if not line:
             return
         number += 1
+        total += len(line)
         if len(line) > max_line_bytes and not line.endswith(b"\n"):
             while True:  # drain the rest of the over-long line in bounded pieces
                 rest = f.readline(1 << 20)
+                total += len(rest)
+                if guard and total >= next_check:
+                    guard(total)
+                    next_check = total + (1 << 20)
                 if not rest or rest.endswith(b"\n"):
                     break
             yield number, None
             continue
+        if guard and total >= next_check:
+            guard(total)
+            next_check = total + (1 << 20)
         yield number, line
 
 
 class _ZstdFrames(io.RawIOBase):
-    """The decompressed bytes of every zstd frame in a file, read 16 KiB of input at a time. A frame cut
-    short raises ZstdError (zstandard's stream_reader ends there quietly, as if the data were complete)."""
+    """The decompressed bytes of every zstd frame in a file. A frame cut short raises ZstdError (zstandard's
+    stream_reader ends there quietly, as if the data were complete), so frames are decoded here, with input
+    fed 256 bytes at a time: a zstd block (at most 128 KiB out) takes at least 3 bytes in, so one piece yields
+    at most 256 / 3 x 128 KiB = 11 MiB however the data was made, and memory stays bounded."""
+
+    PIECE = 256
 
     def __init__(self, raw):
-        self.raw, self.frame, self.pending, self.started = raw, zstandard.ZstdDecompressor().decompressobj(), b"", False
+        self.raw, self.frame, self.started = raw, zstandard.ZstdDecompressor().decompressobj(), False
+        self.input, self.input_at, self.output, self.output_at = b"", 0, b"", 0
 
     def readable(self) -> bool:
         return True
 
     def readinto(self, buffer) -> int:
-        while not self.pending:
-            chunk = self.raw.read(16 << 10)
-            if not chunk:
-                if self.started and not self.frame.eof:
-                    raise zstandard.ZstdError("the data ends inside a frame (a truncated upload?)")
-                return 0
-            while chunk:
+        while self.output_at >= len(self.output):
+            if self.input_at >= len(self.input):
+                self.input, self.input_at = self.raw.read(64 << 10), 0
+                if not self.input:
+                    if self.started and not self.frame.eof:
+                        raise zstandard.ZstdError("the data ends inside a frame (a truncated upload?)")
+                    return 0
+            piece = self.input[self.input_at:self.input_at + self.PIECE]
+            self.input_at += self.PIECE
+            out = []
+            while piece:
                 if self.frame.eof:  # the next frame of a concatenated file
                     self.frame = zstandard.ZstdDecompressor().decompressobj()
                 self.started = True
-                self.pending += self.frame.decompress(chunk)
-                chunk = self.frame.unused_data if self.frame.eof else b""
-        size = min(len(buffer), len(self.pending))
-        buffer[:size], self.pending = self.pending[:size], self.pending[size:]
+                out.append(self.frame.decompress(piece))
+                piece = self.frame.unused_data if self.frame.eof else b""
+            self.output, self.output_at = b"".join(out), 0
+        view = memoryview(self.output)[self.output_at:self.output_at + len(buffer)]
+        size = len(view)
+        buffer[:size] = view
+        self.output_at += size
         return size
 
 
 @contextmanager
-def _open_shard(shard: Shard):
-    """The shard's bytes, decompressed by its suffix; compressed bytes under a plain name are refused."""
+def _open_shard(shard: Shard, max_ratio: float = 0.0):
+    """(the shard's bytes, decompressed by its suffix; a guard for _read_lines, or None for plain files).
+    The guard raises _Bomb past max_ratio times the compressed bytes read so far (0: no limit). Compressed
+    bytes under a plain name are refused."""
     with open(shard.path, "rb") as raw:
         suffix = shard.uri.lower().rsplit(".", 1)[-1]
+
+        def guard(decompressed: int) -> None:
+            if max_ratio and decompressed > max_ratio * raw.tell() + BOMB_FLOOR:
+                raise _Bomb(f"{shard.uri}: decompresses to more than {max_ratio:g} times its compressed size "
+                            f"({decompressed >> 20} MiB from {raw.tell() >> 10} KiB): refused as a decompression bomb "
+                            f"(QLORA_DATA__MAX_COMPRESSION_RATIO)")
+
         if suffix == "gz":
-            yield gzip.GzipFile(fileobj=raw)
+            yield gzip.GzipFile(fileobj=raw), guard
         elif suffix == "zst":
-            yield io.BufferedReader(_ZstdFrames(raw))
+            yield io.BufferedReader(_ZstdFrames(raw), buffer_size=64 << 10), guard
         else:
             head = raw.read(4)
             kind = MAGIC.get(head[:2]) or MAGIC.get(head)
             if kind:
                 raise DataError(f"{shard.uri}: holds {kind}-compressed data but its name does not end .{'gz' if kind == 'gzip' else 'zst'}")
             raw.seek(0)
-            yield raw
+            yield raw, None
 
 
 def where(report: "DataReport", reject: dict) -> str:
@@ -293,15 +330,35 @@ def _parse(number: int, line: bytes | None, max_line_bytes: int) -> object:
     except UnicodeDecodeError as error:
         raise RowError(f"not valid UTF-8 (byte {error.start})") from None
     try:
-        return json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+        row = json.loads(text, object_pairs_hook=_no_duplicate_keys, parse_constant=_no_constants)
+        # Valid JSON may still escape half of a surrogate pair ("\\ud800"): text no file, tokenizer or S3 object can hold.
+        lone_surrogate = "\\u" in text and _has_lone_surrogate(row)
     except json.JSONDecodeError as error:
         raise RowError(f"invalid JSON: {error.msg} (column {error.colno})") from None
     except RecursionError:
         raise RowError("invalid JSON: nested too deeply") from None
+    if lone_surrogate:
+        raise RowError("holds a lone surrogate escape (\\ud800-\\udfff without its pair): not encodable as UTF-8")
+    return row
+
+
+def _has_lone_surrogate(value: object) -> bool:
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return True
+        return False
+    if isinstance(value, dict):
+        return any(_has_lone_surrogate(k) or _has_lone_surrogate(v) for k, v in value.items())
+    if isinstance(value, list):
+        return any(_has_lone_surrogate(v) for v in value)
+    return False
 
 
 def validate_dataset(source: Path | list[Shard], out_dir: Path, *, max_line_bytes: int = 1 << 20,
-                     system_prompt: str | None = None) -> DataReport:
+                     system_prompt: str | None = None,
+                     max_compression_ratio: float = DataSettings.model_fields["max_compression_ratio"].default) -> DataReport:
     """Check every row of every shard (or of one local JSONL file) in order; write accepted rows to
     out_dir/train.jsonl and rejects, naming shard and line, to out_dir/rejects.jsonl."""
     shards = [Shard(str(source), source, source.name)] if isinstance(source, Path) else source
@@ -313,7 +370,7 @@ def validate_dataset(source: Path | list[Shard], out_dir: Path, *, max_line_byte
     with open(report.train_path, "w", encoding="utf-8") as train, open(report.rejects_path, "w", encoding="utf-8") as rejects:
         for index, shard in enumerate(shards):
             accepted, rejected = report.accepted, report.rejected
-            _validate_shard(shard, index, report, train, rejects, max_line_bytes, system_prompt)
+            _validate_shard(shard, index, report, train, rejects, max_line_bytes, system_prompt, max_compression_ratio)
             with open(shard.path, "rb") as f:  # file_digest reuses one 256 KiB buffer: memory stays bounded
                 sha256 = hashlib.file_digest(f, "sha256").hexdigest()
             report.shards.append({"uri": shard.uri, "sha256": sha256, "bytes": shard.path.stat().st_size,
@@ -329,11 +386,12 @@ def _combined_sha256(shards: list[Shard], summaries: list[dict]) -> str:
     return hashlib.sha256("".join(lines).encode()).hexdigest()
 
 
-def _validate_shard(shard: Shard, index: int, report: DataReport, train, rejects, max_line_bytes: int, system_prompt: str | None) -> None:
+def _validate_shard(shard: Shard, index: int, report: DataReport, train, rejects, max_line_bytes: int, system_prompt: str | None,
+                    max_compression_ratio: float) -> None:
     number = 0
     try:
-        with _open_shard(shard) as f:
-            for number, line in _read_lines(f, max_line_bytes):
+        with _open_shard(shard, max_compression_ratio) as (f, guard):
+            for number, line in _read_lines(f, max_line_bytes, guard):
                 report.lines += 1
                 if line is not None and not line.strip(BOM + b" \t\r\n"):
                     report.blank += 1
@@ -357,6 +415,8 @@ def _validate_shard(shard: Shard, index: int, report: DataReport, train, rejects
         raise DataError(f"cannot read dataset {shard.uri}: {error.strerror or error}") from None
     except zstandard.ZstdError as error:
         raise DataError(f"{shard.uri}: corrupt zstd data after {number} lines: {error}") from None
+    except _Bomb as error:
+        raise DataError(str(error)) from None
 
 
 def check_report(report: DataReport, max_reject_ratio: float) -> None:
@@ -385,6 +445,8 @@ def fetch_dataset(value: str, folder: Path) -> list[Shard]:
         uris, is_prefix = storage.dataset_objects(uri)
         names = [u[len(uri.rstrip("/")) + 1:] if is_prefix else u.rsplit("/", 1)[-1] for u in uris]
         if is_prefix:
+            names = [name for name in names if name and not name.endswith("/")]  # "folder/" placeholders hold nothing
+            storage.checked_targets(uri, folder, names, DataError)  # shards land under numbered names; no key may climb anyway
             names = [name for name in names if not _skipped(name)]
             if not names:
                 raise DataError(f"{uri}: no JSONL shards under this prefix (nothing to train on)")
@@ -410,7 +472,8 @@ def fetch_inputs(settings: Settings, folder: Path) -> tuple[list[Shard], list[Sh
 def validate(shards: list[Shard], uri: str, work: Path, settings: Settings) -> DataReport:
     """Validate one dataset (its rejects logged) and check its share of bad rows."""
     data = settings.data
-    report = validate_dataset(shards, work, max_line_bytes=data.max_line_bytes, system_prompt=data.system_prompt)
+    report = validate_dataset(shards, work, max_line_bytes=data.max_line_bytes, system_prompt=data.system_prompt,
+                              max_compression_ratio=data.max_compression_ratio)
     report.source = uri
     log.info("dataset validated", **{k: v for k, v in report.summary().items() if k not in ("first_rejects", "shards")},
              shards=len(report.shards))

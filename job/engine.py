@@ -70,7 +70,7 @@ def fetch_base_model(settings: Settings, fingerprint: str | None) -> str:
         done = target / ".complete"
         if not done.exists():
             log.info("downloading base model", source=name, cache=str(target))
-            storage.fetch_prefix(name, target)
+            storage.fetch_prefix(name, target, ModelLoadError)
             done.touch()
         return str(target)
     if name.startswith("file://"):

@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from job import storage
+from job.errors import ModelLoadError
 from job.logs import get_logger
 from job.settings import Settings
 from job.verify import normalised
@@ -79,12 +80,13 @@ def fetch_champion(settings: Settings, base_model: dict, run_id: str, folder: Pa
     if latest.get("base_model") != base_model:
         return None, f"no champion: latest.json's run {latest['run_id']} was trained on another base model"
     run_uri = storage.join(settings.output_uri, latest["run_id"])
-    manifest = publish.find_manifest(run_uri)
+    manifest = publish.find_manifest(run_uri, ModelLoadError)
     adapter = [o for o in (manifest or {}).get("objects", []) if o["key"].startswith("adapter/")]
     if not adapter:
         return None, f"no champion: latest.json's run {latest['run_id']} has no published adapter"
-    for obj in adapter:
-        path = folder / obj["key"].removeprefix("adapter/")
+    paths = storage.checked_targets(storage.join(run_uri, "adapter"), folder, [o["key"].removeprefix("adapter/") for o in adapter],
+                                    ModelLoadError)
+    for obj, path in zip(adapter, paths, strict=True):
         storage.fetch_file(storage.join(run_uri, obj["key"]), path)
         if storage.sha256_file(path) != obj["sha256"]:
             log.warning("the champion's adapter differs from its manifest; not comparing", key=obj["key"], run_id=latest["run_id"])

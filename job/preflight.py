@@ -57,8 +57,8 @@ def _tokenizer_without_weights(settings: Settings, folder: Path):
         keys = [key for key in listed if not key.lower().endswith(WEIGHTS_SUFFIXES)]
         if "config.json" not in keys or len(keys) == len(listed):
             raise ModelLoadError(f"cannot load base model {name!r}: no config.json and weight files under this prefix")
-        for key in keys:
-            storage.fetch_file(storage.join(name, key), folder / key)
+        for key, target in zip(keys, storage.checked_targets(name, folder, keys, ModelLoadError), strict=True):
+            storage.fetch_file(storage.join(name, key), target)
         log.info("base model files fetched, weights left out", files=keys)
         source = str(folder)
     elif name.startswith("file://"):

@@ -7,8 +7,9 @@ from importlib import metadata
 from pathlib import Path
 
 from job import storage
+from job.errors import ConfigError, JobError, one_line
 from job.logs import get_logger
-from job.settings import Settings, redacted
+from job.settings import Settings, redacted, valid_run_id
 
 log = get_logger(__name__)
 MANIFEST = "manifest.json"
@@ -16,10 +17,38 @@ PACKAGES = ("qlora-job", "torch", "transformers", "trl", "peft", "datasets", "ac
             "unsloth", "unsloth_zoo", "xformers", "boto3")
 
 
-def find_manifest(run_uri: str) -> dict | None:
-    """The run's manifest if it was published, else None."""
-    data = storage.read_bytes(storage.join(run_uri, MANIFEST))
-    return json.loads(data) if data else None
+def find_manifest(run_uri: str, error: type[JobError] = ConfigError) -> dict | None:
+    """The run's manifest if it was published, else None. One that is not a manifest this job wrote raises
+    `error` (the exit code of what is being read), naming the first field that is wrong."""
+    uri = storage.join(run_uri, MANIFEST)
+    data = storage.read_bytes(uri)
+    return None if data is None else parse_manifest(data, uri, error)
+
+
+def parse_manifest(data: bytes, uri: str, error: type[JobError] = ConfigError) -> dict:
+    try:
+        return check_manifest(json.loads(data))
+    except (ValueError, RecursionError) as why:
+        raise error(f"{uri}: not a manifest this job can read: {one_line(why, 200)}") from None
+
+
+def check_manifest(document: object) -> dict:
+    """The document, if it has every field later stages read from a manifest with the right type; else
+    ValueError naming the first that does not (a bucket's content is input, not trusted state)."""
+    if not isinstance(document, dict):
+        raise ValueError("not a JSON object")
+    for field, kind in (("run_id", str), ("published_at", str), ("dataset", dict), ("base_model", dict), ("objects", list)):
+        if not isinstance(document.get(field), kind):
+            raise ValueError(f"{field!r} is missing or not a {kind.__name__}")
+    if not valid_run_id(document["run_id"]):
+        raise ValueError(f"run_id {document['run_id'][:80]!r} is not a run id")
+    if not isinstance(document["dataset"].get("sha256"), str) or not isinstance(document.get("promotion", {}), dict):
+        raise ValueError("'dataset.sha256' or 'promotion' has the wrong type")
+    for i, obj in enumerate(document["objects"]):
+        if not (isinstance(obj, dict) and isinstance(obj.get("key"), str) and isinstance(obj.get("sha256"), str)
+                and type(obj.get("size")) is int):
+            raise ValueError(f"objects[{i}] is not {{key, size, sha256}}")
+    return document
 
 
 def package_versions() -> dict[str, str]:

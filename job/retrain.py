@@ -8,10 +8,10 @@ import hashlib
 import json
 
 from job import storage
-from job.errors import ConfigError, StorageError
+from job.errors import ConfigError, StorageError, one_line
 from job.logs import get_logger
-from job.publish import MANIFEST
-from job.settings import Settings, redacted
+from job.publish import MANIFEST, check_manifest
+from job.settings import Settings, redacted, valid_run_id
 
 log = get_logger(__name__)
 LATEST = "latest.json"
@@ -29,12 +29,24 @@ def settings_sha256(settings: Settings) -> str:
 
 
 def read_latest(output_uri: str) -> dict | None:
-    body = storage.read_bytes(storage.join(output_uri, LATEST))
-    try:
-        return json.loads(body) if body else None
-    except ValueError:
-        log.warning("latest.json is not JSON; treating this as the first run", uri=storage.join(output_uri, LATEST))
+    """latest.json's pointer, or None when there is none. One this job did not write (not JSON, a run id that
+    is not one, fields of the wrong type) is logged and treated as absent: the next promoted run replaces it."""
+    uri = storage.join(output_uri, LATEST)
+    body = storage.read_bytes(uri)
+    if not body:
         return None
+    try:
+        latest = json.loads(body)
+        if not isinstance(latest, dict):
+            raise ValueError("not a JSON object")
+        if not valid_run_id(latest.get("run_id")):
+            raise ValueError(f"run_id {str(latest.get('run_id'))[:80]!r} is not a run id")
+        if not isinstance(latest.get("published_at", ""), str) or not isinstance(latest.get("base_model"), dict):
+            raise ValueError("'published_at' or 'base_model' has the wrong type")
+    except (ValueError, RecursionError) as why:
+        log.warning("latest.json is not a pointer this job wrote; treating this as the first run", uri=uri, error=one_line(why, 200))
+        return None
+    return latest
 
 
 def identity(dataset_sha256: str, settings: Settings, model_fingerprint: str | None) -> dict:
@@ -112,9 +124,13 @@ def _delete_old_runs(output_uri: str, keep: int, protect: set[str]) -> list[str]
     published = []
     for key in storage.list_keys(output_uri):
         run_id, _, rest = key.partition("/")
-        if rest == MANIFEST:
-            manifest = json.loads(storage.read_bytes(storage.join(output_uri, key)) or b"{}")
-            published.append((manifest.get("published_at") or "", run_id))
+        if rest == MANIFEST and valid_run_id(run_id):
+            try:
+                manifest = check_manifest(json.loads(storage.read_bytes(storage.join(output_uri, key)) or b"{}"))
+            except (ValueError, RecursionError) as why:  # not this job's: neither counted nor deleted
+                log.warning("not a manifest this job can read; that run is left alone", key=key, error=one_line(why, 200))
+                continue
+            published.append((manifest["published_at"], run_id))
     deleted = []
     for _, run_id in sorted(published, reverse=True)[keep:]:
         if run_id in protect:

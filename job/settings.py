@@ -140,6 +140,9 @@ class TrainSettings(Section):
 class DataSettings(Section):
     max_reject_ratio: float = Field(0.0, ge=0.0, le=1.0, description="Largest share of rejected rows before the run fails (0 = none allowed).")
     max_line_bytes: int = Field(1 << 20, ge=1024, description="Longest accepted JSONL line in bytes; longer lines are rejected unread.")
+    max_compression_ratio: float = Field(
+        100.0, ge=0.0, description="A .gz or .zst shard that decompresses to more than this many times the compressed bytes "
+        "read so far (plus 4 MiB) is refused as a decompression bomb (exit 3); JSONL compresses 3-20x. 0: no limit.")
     overlength: Literal["reject", "truncate"] = Field("reject", description="Rows longer than model.max_seq_length: reject (counted as bad rows) or truncate.")
     system_prompt: str | None = Field(None, description="System prompt added to rows that have none.")
     train_turns: Literal["all", "last"] = Field(
@@ -318,10 +321,16 @@ class Settings(BaseSettings):
     @field_validator("run_id")
     @classmethod
     def _run_id(cls, value: str | None) -> str | None:
-        # It becomes an S3 key segment and a label value: keep it to what both allow.
-        if value is not None and (not value or len(value) > 63 or not all(c.isalnum() or c in "-_." for c in value)):
-            raise ValueError("must be 1-63 characters of letters, digits, '-', '_' or '.'")
+        if value is not None and not valid_run_id(value):
+            raise ValueError("must be 1-63 characters of letters, digits, '-', '_' or '.', starting with a letter or digit")
         return value
+
+
+def valid_run_id(value: object) -> bool:
+    """A run id becomes an S3 key segment, a local folder name and a label value: 1-63 of the characters all three
+    allow, starting with a letter or digit (so never '.' or '..', which would climb out of the output prefix)."""
+    return (isinstance(value, str) and 0 < len(value) <= 63 and value[0].isascii() and value[0].isalnum()
+            and all(c.isascii() and (c.isalnum() or c in "-_.") for c in value))
 
 
 def env_names(model: type[BaseModel] = Settings, prefix: str = ENV_PREFIX) -> dict[str, Any]:

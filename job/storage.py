@@ -15,7 +15,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from urllib.parse import urlparse
 
-from job.errors import StorageError
+from job.errors import JobError, StorageError
 
 BUCKET_NAME = re.compile(r"^[a-z0-9][a-z0-9.\-]{1,61}[a-z0-9]$")
 # Client errors that retrying cannot fix: the run is misconfigured.
@@ -178,8 +178,36 @@ def dataset_objects(uri: str) -> tuple[list[str], bool]:
     return [join(uri, key) for key in keys], True
 
 
-def fetch_prefix(uri: str, dest: Path) -> Path:
-    """Copy every object under a prefix (a model folder) into dest, keeping relative paths."""
+def local_target(dest: Path, key: str) -> Path:
+    """dest / key for an object key read from a listing or a manifest. ValueError (saying why) for a key that
+    could land anywhere else: absolute, an empty, '.' or '..' component, a NUL, or a path resolving outside dest."""
+    if key.startswith("/"):
+        raise ValueError("is an absolute path")
+    if any(part in ("", ".", "..") for part in key.split("/")):
+        raise ValueError("has an empty, '.' or '..' path component")
+    if "\x00" in key:
+        raise ValueError("holds a NUL character")
+    target = dest / key
+    if not target.resolve().is_relative_to(dest.resolve()):  # e.g. through a symlink already in dest
+        raise ValueError("resolves outside the destination folder")
+    return target
+
+
+def checked_targets(uri: str, dest: Path, keys: list[str], error: type[JobError] = StorageError) -> list[Path]:
+    """local_target for every key, all checked before anything is written; `error` (the exit code of what
+    is being read: a model, an adapter, data) names the first key refused."""
+    targets = []
+    for key in keys:
+        try:
+            targets.append(local_target(dest, key))
+        except ValueError as why:
+            raise error(f"{uri}: refusing object key {key!r}: it {why} (nothing was downloaded)") from None
+    return targets
+
+
+def fetch_prefix(uri: str, dest: Path, error: type[JobError] = StorageError) -> Path:
+    """Copy every object under a prefix (a model folder) into dest, keeping relative paths. A key that would
+    land outside dest raises `error` before anything is downloaded."""
     dest.mkdir(parents=True, exist_ok=True)
     if not is_s3(uri):
         with _errors(uri):
@@ -188,8 +216,8 @@ def fetch_prefix(uri: str, dest: Path) -> Path:
     keys = [key for key in list_keys(uri) if key and not key.endswith("/")]  # "folder/" placeholders hold nothing
     if not keys:
         raise StorageError(f"{uri}: no objects under this prefix", permanent=True)
-    for key in keys:
-        fetch_file(join(uri, key), dest / key)
+    for key, target in zip(keys, checked_targets(uri, dest, keys, error), strict=True):
+        fetch_file(join(uri, key), target)
     return dest
 
 
@@ -248,21 +276,34 @@ def put_if_absent(data: bytes, uri: str) -> bool:
         return True
 
 
-def read_bytes(uri: str) -> bytes | None:
-    """The object's content, or None when it does not exist."""
+def read_bytes(uri: str, max_bytes: int = 64 * MiB) -> bytes | None:
+    """The object's content, or None when it does not exist. An object over max_bytes is refused (StorageError,
+    permanent) before its body is read: these are small documents, and a huge one must not fill the memory."""
     with _errors(uri):
         if is_s3(uri):
             from botocore.exceptions import ClientError
 
             bucket, key = _split(uri)
             try:
-                return client().get_object(Bucket=bucket, Key=key)["Body"].read()
+                response = client().get_object(Bucket=bucket, Key=key)
             except ClientError as error:
                 if error.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                     return None
                 raise
+            _check_size(uri, response["ContentLength"], max_bytes, response["Body"].close)
+            return response["Body"].read()
         path = local_path(uri)
-        return path.read_bytes() if path.exists() else None
+        if not path.exists():
+            return None
+        _check_size(uri, path.stat().st_size, max_bytes)
+        return path.read_bytes()
+
+
+def _check_size(uri: str, size: int, max_bytes: int, close=None) -> None:
+    if size > max_bytes:
+        if close:
+            close()
+        raise StorageError(f"{uri}: {size} bytes, more than the {max_bytes} this document may have", permanent=True)
 
 
 def list_keys(uri: str) -> list[str]:

@@ -9,8 +9,8 @@ import hashlib
 import json
 from pathlib import Path
 
-from job import storage
-from job.errors import ConfigError
+from job import publish, retrain, storage
+from job.errors import ConfigError, ModelLoadError, one_line
 from job.logs import get_logger
 from job.settings import Settings
 
@@ -24,19 +24,20 @@ def fetch_parent(settings: Settings, base_model: dict, folder: Path) -> dict | N
     if not init:
         return None
     if init == "latest":
-        pointer = storage.read_bytes(storage.join(settings.output_uri, "latest.json"))
-        if pointer is None:
+        latest = retrain.read_latest(settings.output_uri)
+        if latest is None:
             log.warning("nothing published under the output prefix yet: training fresh LoRA weights", init_from="latest")
             return None
-        adapter_uri = storage.join(settings.output_uri, json.loads(pointer)["run_id"], "adapter")
+        adapter_uri = storage.join(settings.output_uri, latest["run_id"], "adapter")
     else:
         adapter_uri = init.rstrip("/")
-    storage.fetch_prefix(adapter_uri, folder)
+    storage.fetch_prefix(adapter_uri, folder, ModelLoadError)
     if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise ConfigError(f"QLORA_LORA__INIT_FROM: {adapter_uri} holds no adapter_config.json and adapter_model.safetensors")
-    _check_shape(json.loads((folder / "adapter_config.json").read_text(encoding="utf-8")), settings, adapter_uri)
-    manifest_bytes = storage.read_bytes(adapter_uri.rsplit("/", 1)[0] + "/manifest.json") if adapter_uri.endswith("/adapter") else None
-    manifest = json.loads(manifest_bytes) if manifest_bytes else None
+    _check_shape(_adapter_config(folder, adapter_uri), settings, adapter_uri)
+    manifest_uri = adapter_uri.rsplit("/", 1)[0] + "/" + publish.MANIFEST
+    manifest_bytes = storage.read_bytes(manifest_uri) if adapter_uri.endswith("/adapter") else None
+    manifest = publish.parse_manifest(manifest_bytes, manifest_uri, ModelLoadError) if manifest_bytes else None
     if manifest is None:
         log.warning("no manifest beside the parent adapter: its base model is checked by its weights' shapes only", adapter=adapter_uri)
     else:
@@ -45,6 +46,16 @@ def fetch_parent(settings: Settings, base_model: dict, folder: Path) -> dict | N
               "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest() if manifest_bytes else None}
     log.info("warm start", **parent)
     return parent
+
+
+def _adapter_config(folder: Path, uri: str) -> dict:
+    try:
+        config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
+    except (ValueError, RecursionError) as why:
+        raise ModelLoadError(f"QLORA_LORA__INIT_FROM: {uri}/adapter_config.json is not JSON: {one_line(why, 200)}") from None
+    if not isinstance(config, dict):
+        raise ModelLoadError(f"QLORA_LORA__INIT_FROM: {uri}/adapter_config.json is not a JSON object")
+    return config
 
 
 def _check_shape(config: dict, settings: Settings, uri: str) -> None:

@@ -15,7 +15,8 @@ def test_two_pods_racing_on_one_run_id_never_both_publish(s3, bucket, tmp_path):
         (out / "adapter").mkdir(parents=True)
         (out / "adapter" / "adapter_model.safetensors").write_bytes(name.encode() * 1000)
         (out / "metrics.json").write_text(json.dumps({"pod": name}))
-        outcomes[name] = publish.publish_run(out, run_uri, {"run_id": "race", "pod": name}) is not None
+        outcomes[name] = publish.publish_run(out, run_uri, {"run_id": "race", "pod": name, "dataset": {"sha256": "d" * 64},
+                                                                 "base_model": {"name": "m"}}) is not None
 
     threads = [threading.Thread(target=pod, args=(f"pod-{i}",)) for i in range(4)]
     for t in threads:
@@ -86,7 +87,8 @@ def test_the_champion_is_latest_jsons_adapter_on_the_same_base_model_checked_by_
     (out / "old" / "adapter").mkdir(parents=True)
     weights = b"not really safetensors"
     (out / "old" / "adapter" / "adapter_model.safetensors").write_bytes(weights)
-    manifest = {"run_id": "old", "objects": [{"key": "adapter/adapter_model.safetensors", "size": len(weights),
+    manifest = {"run_id": "old", "published_at": "2026-12-01T00:00:00+00:00", "dataset": {"sha256": "d" * 64}, "base_model": base,
+                "objects": [{"key": "adapter/adapter_model.safetensors", "size": len(weights),
                                               "sha256": hashlib.sha256(weights).hexdigest()}]}
     (out / "old" / "manifest.json").write_text(json.dumps(manifest))
     (out / "latest.json").write_text(json.dumps({"run_id": "old", "base_model": {**base, "fingerprint": "other"}}))
