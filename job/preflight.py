@@ -29,10 +29,10 @@ def run(settings: Settings) -> dict:
     with tempfile.TemporaryDirectory(prefix="plan-", dir=settings.work_dir) as folder:
         work = Path(folder)
         writable = check_output_writable(settings.output_uri)
-        tokenizer = _tokenizer_without_weights(settings, work / "model")
+        tokenizer, config = _tokenizer_without_weights(settings, work / "model")
         inputs = data.fetch_inputs(settings, work / "input")
         report, eval_report = data.validate_inputs(settings, inputs, work)
-        sizing = _sizing(settings, report, eval_report, tokenizer)
+        sizing = _sizing(settings, report, eval_report, tokenizer, planning.ModelShape.from_config(config))
     return {"data": _data_summary(report), "eval_data": _data_summary(eval_report) if eval_report else None, **sizing,
             "output_writable": writable, "base_model": {"name": settings.model.name, "readable": True}}
 
@@ -65,17 +65,17 @@ def _tokenizer_without_weights(settings: Settings, folder: Path):
         source = storage.local_path(name).as_posix()
     tokenizer = engine.load_tokenizer(settings, source)
     with engine.load_errors(f"cannot load base model {name!r}"):
-        AutoConfig.from_pretrained(source, **engine.hub_kwargs(settings))
-    return tokenizer
+        config = AutoConfig.from_pretrained(source, **engine.hub_kwargs(settings))
+    return tokenizer, config
 
 
 def _data_summary(report: data.DataReport) -> dict:
     return {k: v for k, v in report.summary().items() if k != "shards"} | {"shards": len(report.shards)}
 
 
-def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer) -> dict:
-    """Tokens, over-length rows, epochs, steps, batch shape and the H200 estimates, as train.prepare and
-    train.train would find them (over-length rows rejected or kept as the run would)."""
+def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer, shape: planning.ModelShape) -> dict:
+    """Tokens, over-length rows, epochs, steps, the batch shape fitted to the planned card (QLORA_PLAN__GPU) and the
+    time and memory estimates, as train.prepare and train.train would find them."""
     from job import train
 
     examples, _, mean_tokens = train.training_rows(settings, report, eval_report, tokenizer)
@@ -86,13 +86,27 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer)
         epoch_tokens = sum(measured["n_tokens"])
     world = 1 if settings.nproc_per_node == "auto" else int(settings.nproc_per_node)
     batch = planning.batch_plan(settings, mean_tokens, world, len(examples), cuda=True)
+    gpu, card_gib, flops = planning.card(settings.plan.gpu)
+    free_gib = card_gib - planning.CUDA_CONTEXT_GIB
+    row = settings.model.max_seq_length if batch.packing else planning.padded(
+        report.longest_row_tokens, batch.pad_to_multiple_of, settings.model.max_seq_length)
+    choice, train = settings.lora.gradient_checkpointing, settings.train
+    if train.recipe == "fast" and world == 1:
+        batch, fit = planning.fit_to_card(batch, shape, row, free_gib, flops, checkpointing=None if choice == "auto" else choice != "false",
+                                          cuda_graphs=train.cuda_graphs, per_device_fixed=train.per_device_batch_size is not None,
+                                          lora_r=settings.lora.r, load_in_4bit=settings.model.load_in_4bit)
+        checkpointing, micro_batch_tokens, peak = fit.gradient_checkpointing, fit.micro_batch_tokens, fit.peak_gpu_memory_gib
+    else:  # the seed recipe as written (offloaded checkpointing), or several processes: planned as set
+        checkpointing = choice != "false" if choice != "auto" else train.recipe == "seed"
+        micro_batch_tokens = batch.per_device_batch_size * row
+        peak = round(planning.estimated_peak_gib(shape, micro_batch_tokens, checkpointing, cuda_graphs=batch.cuda_graphs,
+                                                 load_in_4bit=settings.model.load_in_4bit, lora_r=settings.lora.r), 2)
     if batch.packing:  # sequences of max_seq_length tokens: an estimate of what TRL's packing makes
         sequences = math.ceil(epoch_tokens / settings.model.max_seq_length)
         micro_batches = math.ceil(math.ceil(sequences / world) / batch.per_device_batch_size)
     else:
         micro_batches = planning.micro_batches_per_epoch(len(examples), batch)
     length = planning.duration(settings, micro_batches, batch.gradient_accumulation_steps)
-    micro_batch_tokens = batch.per_device_batch_size * (settings.model.max_seq_length if batch.packing else mean_tokens)
     return {
         "tokens": {"total": report.tokens, "longest_row": report.longest_row_tokens, "mean_row": mean_tokens,
                    "rows_over_max_seq_length": report.overlength_rows, "max_seq_length": settings.model.max_seq_length,
@@ -101,10 +115,12 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer)
                      **length.as_dict(), "rows_per_step": batch.rows_per_step,
                      "tokens_per_step": round(epoch_tokens / length.steps_per_epoch), "learning_rate": batch.learning_rate,
                      "warmup_steps": batch.warmup_steps, "per_device_batch_size": batch.per_device_batch_size,
-                     "gradient_accumulation_steps": batch.gradient_accumulation_steps, "world_size": world},
-        "estimate": {"basis": "bench constants for a Qwen3-0.6B-sized model on one H200 (job/plan.py): an estimate, "
-                              "not a measurement",
-                     "train_seconds": planning.estimated_train_seconds(settings.train.recipe, length.steps,
-                                                                       epoch_tokens * length.planned_epochs),
-                     "peak_gpu_memory_gib": planning.estimated_peak_gib(settings.train.recipe, micro_batch_tokens)},
+                     "gradient_accumulation_steps": batch.gradient_accumulation_steps, "world_size": world,
+                     "micro_batch_tokens": micro_batch_tokens, "gradient_checkpointing": checkpointing, "cuda_graphs": batch.cuda_graphs},
+        "estimate": {"basis": f"the memory and time model of job/plan.py (fitted on 0.6B-8B shapes, bench/RESULTS.md) for one "
+                              f"{gpu} ({card_gib} GiB, {flops / 1e12:g} dense bf16 TFLOP/s): an estimate, not a measurement",
+                     "gpu": gpu, "free_gib": round(free_gib, 1), "model_params": shape.params,
+                     "train_seconds": planning.estimated_train_seconds(
+                         shape, length.steps, batch.gradient_accumulation_steps, epoch_tokens * length.planned_epochs, checkpointing, flops),
+                     "peak_gpu_memory_gib": peak},
     }

@@ -17,7 +17,7 @@ log = get_logger(__name__)
 LATEST = "latest.json"
 # Settings that do not change what a run trains: where it runs, how it logs, what it keeps.
 NOT_TRAINING = {"run_id", "work_dir", "termination_log", "log_format", "log_level", "hf_token", "retrain", "metrics",
-               "promotion"}
+               "promotion", "plan"}
 
 
 def settings_sha256(settings: Settings) -> str:

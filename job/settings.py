@@ -260,6 +260,12 @@ class VerifySettings(Section):
         return self
 
 
+class PlanSettings(Section):
+    gpu: Literal["H100", "H200", "A100-80GB", "A100-40GB", "L40S", "L4", "A10G"] = Field(
+        "H100", description="`qlora-job plan`: the card to plan for on a CPU (its memory and bf16 throughput from NVIDIA's "
+        "datasheets; `plan --gpu NAME` sets it too). A run plans for the card it runs on.")
+
+
 class Settings(BaseSettings):
     """Everything one run needs; built once in main() and passed down."""
 
@@ -290,6 +296,7 @@ class Settings(BaseSettings):
     lora: LoraSettings = LoraSettings()
     train: TrainSettings = TrainSettings()
     data: DataSettings = DataSettings()
+    plan: PlanSettings = PlanSettings()
     verify: VerifySettings = VerifySettings()
     checkpoint: CheckpointSettings = CheckpointSettings()
     retrain: RetrainSettings = RetrainSettings()

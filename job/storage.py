@@ -7,9 +7,11 @@ Every failure becomes a StorageError whose message names the object, never a sec
 
 import functools
 import hashlib
+import json
 import os
 import re
 import shutil
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -324,18 +326,49 @@ def _s3_objects(uri: str) -> Iterator[tuple[str, dict]]:
                 yield item["Key"][len(prefix):], item
 
 
-def content_fingerprint(uri: str) -> str:
+def content_fingerprint(uri: str, cache: Path | None = None) -> str:
     """sha256 that changes when anything under a prefix or folder does: S3 objects by key, size and
-    ETag (one listing, nothing downloaded); local files by path and the sha256 of their bytes."""
+    ETag (one listing, nothing downloaded); local files by path and the sha256 of their bytes, each file's
+    sha256 kept in `cache` (a JSON file) under its size, mtime and inode, so a folder hashed once costs
+    a stat a file after (an 8B model's 16 GB took 17.6 s a run)."""
     digest = hashlib.sha256()
     if is_s3(uri):
         for key, item in sorted(_s3_objects(uri), key=lambda pair: pair[0]):
             digest.update(f"{key}:{item['Size']}:{item['ETag']}\n".encode())
     else:
-        root = local_path(uri)
-        for key in list_keys(uri):
-            digest.update(f"{key}:{sha256_file(root / key)}\n".encode())
+        for key, sha256 in _file_digests(local_path(uri), list_keys(uri), cache).items():
+            digest.update(f"{key}:{sha256}\n".encode())
     return digest.hexdigest()
+
+
+RACY_NS = 2_000_000_000  # a file changed this close to its hashing may change again within one mtime tick: not cached
+
+
+def _file_digests(root: Path, keys: list[str], cache: Path | None) -> dict[str, str]:
+    """{key: sha256} of local files, reusing `cache`'s digest where a file's (size, mtime, inode) stamp is unchanged
+    (as git's index and make do: a file rewritten with the same size and mtime is not noticed: touch it)."""
+    try:
+        known = json.loads(cache.read_text(encoding="utf-8")) if cache and cache.exists() else {}
+        known = known if isinstance(known, dict) else {}
+    except (OSError, ValueError):
+        known = {}
+    digests, kept, now = {}, {}, time.time_ns()
+    for key in keys:
+        stat = (root / key).stat()
+        stamp = f"{stat.st_size}:{stat.st_mtime_ns}:{stat.st_ino}"
+        entry = known.get(key)
+        digests[key] = entry[1] if isinstance(entry, list) and len(entry) == 2 and entry[0] == stamp else sha256_file(root / key)
+        if now - stat.st_mtime_ns > RACY_NS:
+            kept[key] = [stamp, digests[key]]
+    if cache is not None and kept != known:
+        try:  # a speed-up only: a read-only cache folder costs the hashing, not the run
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            partial = cache.with_name(cache.name + f".{os.getpid()}.partial")
+            partial.write_text(json.dumps(kept), encoding="utf-8")
+            partial.replace(cache)
+        except OSError:
+            pass
+    return digests
 
 
 def delete_keys(uri: str, keys: list[str]) -> None:

@@ -94,6 +94,7 @@ class TrainMetrics:
     best: dict | None = None  # {step, eval_loss} of the adapter kept, with evaluations during training
     stopped_early: bool = False  # early stopping ended training before its planned steps
     first_step_at_s: float | None = None  # seconds from this process's start to the end of its first optimizer step
+    memory_fit: dict | None = None  # plan.MemoryFit: what the run chose for its card, with the estimated peak
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -339,16 +340,16 @@ def run_training(spec: TrainSpec, push) -> TrainMetrics | None:
     return metrics
 
 
-def log_training_plan(settings: Settings, plan: planning.BatchPlan, length: planning.Duration, rows: int, mean_row_tokens: float, cuda: bool) -> None:
-    """The start line: how much data, how long, in what shape, and an ETA (on a GPU, from the bench's
-    measured rates; the progress lines then give the measured one)."""
+def log_training_plan(plan: planning.BatchPlan, length: planning.Duration, rows: int, mean_row_tokens: float,
+                      fit: planning.MemoryFit | None) -> None:
+    """The start line: how much data, how long, in what shape, and an ETA (on a GPU, from the memory and time model
+    fitted to this card; the progress lines then give the measured one)."""
     if distributed.ranks().rank != 0:
         return
-    tokens = round(rows * mean_row_tokens)
-    eta = planning.estimated_train_seconds(settings.train.recipe, length.steps, tokens * length.planned_epochs) if cuda else None
-    log.info("training plan", rows=rows, tokens=tokens, epochs=length.planned_epochs, steps=length.steps,
+    eta = round(length.steps * fit.step_seconds) if fit else None
+    log.info("training plan", rows=rows, tokens=round(rows * mean_row_tokens), epochs=length.planned_epochs, steps=length.steps,
              steps_per_epoch=length.steps_per_epoch, rows_per_step=plan.rows_per_step, learning_rate=plan.learning_rate,
-             eta_s=eta, eta_basis="H200 bench estimate" if eta is not None else "measured from the first steps")
+             eta_s=eta, eta_basis="job/plan.py's time model for this card" if eta is not None else "measured from the first steps")
 
 
 def order_rows_by_epoch(trainer, seed: int) -> None:
@@ -490,6 +491,29 @@ def _step_seconds(start: float, steps: list[tuple[float, int]]) -> list[float]:
     return [round(b - a, 3) for a, b in itertools.pairwise(ends)]
 
 
+def fit_to_this_card(settings: Settings, source: str, plan: planning.BatchPlan, dataset) -> tuple[planning.BatchPlan, planning.MemoryFit]:
+    """plan.fit_to_card for the GPU this process sees, its free memory now and the model's config (no weights):
+    checkpointing, CUDA graphs and the rows a micro-batch, sized for the longest rows the data holds."""
+    import torch
+    from transformers import AutoConfig
+
+    from job import engine
+
+    config = AutoConfig.from_pretrained(source, **engine.hub_kwargs(settings))
+    name, _, flops = planning.card(torch.cuda.get_device_name(0))
+    free_gib = torch.cuda.mem_get_info()[0] / planning.GiB
+    longest = max(dataset["n_tokens"]) if "n_tokens" in dataset.column_names and not plan.packing else settings.model.max_seq_length
+    choice, train = settings.lora.gradient_checkpointing, settings.train
+    fitted, fit = planning.fit_to_card(
+        plan, planning.ModelShape.from_config(config), planning.padded(longest, plan.pad_to_multiple_of, settings.model.max_seq_length),
+        free_gib, flops, checkpointing=None if choice == "auto" else choice != "false", cuda_graphs=train.cuda_graphs,
+        per_device_fixed=train.per_device_batch_size is not None, lora_r=settings.lora.r, load_in_4bit=settings.model.load_in_4bit)
+    log.info("plan fitted to this card", card=name, free_gib=round(free_gib, 2), longest_row_tokens=longest,
+             per_device_batch_size=fitted.per_device_batch_size, gradient_accumulation_steps=fitted.gradient_accumulation_steps,
+             **fit.as_dict())
+    return fitted, fit
+
+
 def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> TrainMetrics:
     """Load the base model with fresh LoRA adapters, fine-tune them on the spec's dataset, and on global
     rank 0 save the adapter. Checkpoints go to <run_uri>/checkpoints/ on schedule and on SIGTERM (then exit
@@ -505,12 +529,16 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     dataset = load_from_disk(str(spec.train_dataset))
     eval_dataset = load_from_disk(str(spec.eval_dataset)) if spec.eval_dataset else None
     plan = planning.batch_plan(settings, spec.mean_row_tokens, ranks.world_size, len(dataset), cuda)
+    fit = None
+    if cuda and ranks.world_size == 1 and settings.train.recipe == "fast":
+        plan, fit = fit_to_this_card(settings, spec.model_source, plan, dataset)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=spec.mean_row_tokens, **plan.as_dict())
     if plan.cuda_graphs and spec.engine == "unsloth":  # before the model load: Unsloth reads it when imported
         engine.enable_block_cuda_graphs(planning.CUDA_GRAPH_SHAPES)
     cache_bytes = compile_cache.restore(settings.output_uri) if settings.train.compile_cache and cuda else None
     started = time.perf_counter()
-    model, tokenizer = engine.load_for_training(settings, spec.engine, spec.model_source, device=ranks.local_rank)
+    model, tokenizer = engine.load_for_training(settings, spec.engine, spec.model_source, device=ranks.local_rank,
+                                                checkpointing=fit.gradient_checkpointing if fit else None)
     if spec.init_adapter is not None and spec.resume_from is None:  # a checkpoint holds the weights trained since
         from job import warmstart
 
@@ -536,7 +564,7 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     # The run's length from the real data loader (after TRL's packing, on this worker's share of the rows).
     length = planning.duration(settings, len(trainer.get_train_dataloader()), plan.gradient_accumulation_steps)
     trainer.args.max_steps = length.steps
-    log_training_plan(settings, plan, length, len(dataset), spec.mean_row_tokens, cuda)
+    log_training_plan(plan, length, len(dataset), spec.mean_row_tokens, fit)
     labels = check_labels(trainer, chat.end_of_turn_id(tokenizer), allow_cut_turns=settings.data.overlength == "truncate")
     log.info("label check passed", **labels)
 
@@ -549,9 +577,10 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     try:
         trainer.train(resume_from_checkpoint=str(spec.resume_from) if spec.resume_from else None)
     except torch.OutOfMemoryError:
+        shape = f"{plan.per_device_batch_size} rows x {fit.micro_batch_tokens // plan.per_device_batch_size} tokens, " if fit else ""
         raise OutOfMemory(
-            f"out of GPU memory at step {trainer.state.global_step}: lower QLORA_TRAIN__PER_DEVICE_BATCH_SIZE "
-            f"(now {settings.train.per_device_batch_size}) or QLORA_MODEL__MAX_SEQ_LENGTH"
+            f"out of GPU memory at step {trainer.state.global_step} ({shape}estimated peak "
+            f"{fit.peak_gpu_memory_gib if fit else '?'} GiB): {planning.out_of_memory_advice(plan, fit, settings.model.max_seq_length)}"
         ) from None
     finally:
         signal.signal(signal.SIGTERM, previous[0])
@@ -605,5 +634,5 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
         world_size=ranks.world_size, cpu_threads=torch.get_num_threads(), label_check=labels, model_load_s=model_load_s,
         duration=length.as_dict(), epochs_trained=round(trainer.state.epoch, 4) if trainer.state.epoch is not None else None,
         eval_curve=progress.eval_curve, best=best.best if best else None, stopped_early=stopped_early,
-        first_step_at_s=progress.first_step_at,
+        first_step_at_s=progress.first_step_at, memory_fit=fit.as_dict() if fit else None,
     )

@@ -97,3 +97,115 @@ def test_a_run_is_sized_in_epochs_by_default_and_the_seed_keeps_its_60_steps(cle
     # Two workers share the rows (the sampler pads to an even share): 1,000 rows = 500 each = 63 micro-batches of 8.
     two = batch_plan(settings(), mean_row_tokens=100, dataset_rows=1000, world_size=2)
     assert micro_batches_per_epoch(1000, two) == 63 and micro_batches_per_epoch(1001, two) == 63
+
+
+# --- memory and time model (issue 30) ---
+from job.plan import (  # noqa: E402
+    GPUS,
+    ModelShape,
+    card,
+    estimated_peak_gib,
+    estimated_step_seconds,
+    fit_to_card,
+    host_bound,
+    out_of_memory_advice,
+)
+
+# Qwen3's published config values (hidden, intermediate, layers, heads, KV heads; head_dim 128, vocab 151,936).
+QWEN3 = {name: {"hidden_size": h, "intermediate_size": i, "num_hidden_layers": layers, "num_attention_heads": heads,
+                "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936, "tie_word_embeddings": tied}
+         for name, (h, i, layers, heads, tied) in {"0.6b": (1024, 3072, 28, 16, True), "4b": (2560, 9728, 36, 32, True),
+                                                    "8b": (4096, 12288, 36, 32, False)}.items()}
+# bench/memory_probe.py through engine.load_for_training on one H200, 2026-12-06 (bench/RESULTS.md, "Memory model"):
+# (shape, gradient checkpointing, micro-batch tokens, peak GiB (max allocated), median step seconds)
+MEASURED = [
+    ("0.6b", False, 4096, 6.297, 0.1195), ("0.6b", False, 9216, 11.985, 0.1471), ("0.6b", False, 16384, 20.841, 0.15),
+    ("0.6b", False, 32768, 39.591, 0.3081), ("0.6b", True, 4096, 1.072, 0.1783), ("0.6b", True, 9216, 1.393, 0.1871),
+    ("0.6b", True, 16384, 1.913, 0.2091), ("0.6b", True, 32768, 3.099, 0.4185),
+    ("4b", False, 4096, 18.272, 0.1812), ("4b", False, 9216, 34.824, 0.3449), ("4b", False, 16384, 59.796, 0.6204),
+    ("4b", True, 4096, 3.829, 0.2915), ("4b", True, 9216, 4.749, 0.5053), ("4b", True, 16384, 6.083, 0.8779),
+    ("4b", True, 32768, 9.125, 1.8181),
+    ("8b", False, 4096, 24.734, 0.2596), ("8b", False, 9216, 45.273, 0.5817), ("8b", False, 16384, 75.802, 1.0313),
+    ("8b", True, 4096, 7.383, 0.4245), ("8b", True, 9216, 8.566, 0.8387), ("8b", True, 16384, 10.269, 1.4753),
+    ("8b", True, 32768, 14.211, 2.9947),
+]
+
+
+def test_a_models_size_comes_from_its_config():
+    sizes = {name: ModelShape.from_config(config) for name, config in QWEN3.items()}
+    # Qwen3's model cards: 0.6B (0.44B without embeddings), 4.0B (3.6B), 8.2B (6.95B)
+    assert [round(s.params / 1e9, 2) for s in sizes.values()] == [0.6, 4.02, 8.19]
+    assert [round(s.linear_params / 1e9, 2) for s in sizes.values()] == [0.44, 3.63, 6.95]
+    assert sizes["8b"].lora_params(16) == 43_646_976 and ModelShape.from_config(
+        {**QWEN3["8b"], "head_dim": None}).head_dim == 128, "a Llama config without head_dim: hidden / heads"
+
+
+@pytest.mark.parametrize(("shape", "checkpointing", "tokens", "peak", "step"), MEASURED)
+def test_the_memory_model_is_within_20_percent_of_each_measured_peak(shape, checkpointing, tokens, peak, step):
+    estimate = estimated_peak_gib(ModelShape.from_config(QWEN3[shape]), tokens, checkpointing)
+    assert abs(estimate / peak - 1) <= 0.20, (estimate, peak)
+
+
+def test_the_step_time_model_follows_the_measured_steps():
+    """Host cost plus FLOPs at the fitted share of the H200's peak: within 35% of every probe step, within 25% of
+    every step that the GPU's arithmetic dominates (4B and 8B at 9k tokens and more)."""
+    for shape, checkpointing, tokens, _, step in MEASURED:
+        estimate = estimated_step_seconds(ModelShape.from_config(QWEN3[shape]), tokens, checkpointing, GPUS["H200"][1])
+        assert abs(estimate / step - 1) <= (0.25 if shape != "0.6b" and tokens >= 9216 else 0.35), (shape, checkpointing, tokens, estimate, step)
+
+
+def _fast_plan():
+    return batch_plan(settings(), mean_row_tokens=573, cuda=True)
+
+
+@pytest.mark.parametrize(("shape", "gpu", "checkpointing", "graphs"), [
+    ("8b", "L4", True, False), ("8b", "A10G", True, False), ("8b", "L40S", True, False), ("8b", "H100", False, False),
+    ("4b", "L4", True, False), ("4b", "H100", False, False),
+    ("0.6b", "L4", False, False),  # 16 rows a step on an L4 are the GPU's work: graphs would only cost memory
+    ("0.6b", "H100", False, True), ("0.6b", "H200", False, True),
+])
+def test_the_fast_recipe_fits_the_card_it_runs_on(clean_env, shape, gpu, checkpointing, graphs):
+    plan = _fast_plan()
+    name, free, flops = card(gpu)
+    fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3[shape]), 640, free - 0.6, flops)
+    assert (fit.gradient_checkpointing, fit.cuda_graphs, fitted.cuda_graphs) == (checkpointing, graphs, graphs)
+    assert fit.peak_gpu_memory_gib <= fit.budget_gib < free
+    assert (fitted.rows_per_step, fitted.learning_rate, fitted.per_device_batch_size) == (16, plan.learning_rate, 16)
+    assert fitted.pad_to_multiple_of == (128 if graphs else 64)
+
+
+def test_a_card_too_small_for_the_micro_batch_gets_fewer_rows_a_micro_batch_and_the_same_rows_a_step(clean_env):
+    plan = _fast_plan()
+    fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3["8b"]), 640, 10.0, GPUS["L4"][1])
+    assert fit.gradient_checkpointing and fit.peak_gpu_memory_gib <= fit.budget_gib
+    assert (fitted.per_device_batch_size, fitted.gradient_accumulation_steps, fitted.rows_per_step) == (8, 2, 16)
+    assert estimated_peak_gib(ModelShape.from_config(QWEN3["8b"]), 16 * 640, True) > fit.budget_gib, "16 rows would not fit"
+    assert fitted.learning_rate == plan.learning_rate and fit.micro_batch_tokens == 8 * 640
+    # Settings win: a fixed micro-batch stays (and is then planned past the budget), a graphs setting is kept.
+    fixed, over = fit_to_card(plan, ModelShape.from_config(QWEN3["8b"]), 640, 10.0, GPUS["L4"][1], per_device_fixed=True)
+    assert fixed.per_device_batch_size == 16 and over.peak_gpu_memory_gib > over.budget_gib
+    assert fit_to_card(plan, ModelShape.from_config(QWEN3["8b"]), 640, 70.0, GPUS["H100"][1], cuda_graphs=True)[1].cuda_graphs
+    assert fit_to_card(plan, ModelShape.from_config(QWEN3["0.6b"]), 640, 70.0, GPUS["H100"][1], checkpointing=True)[1].gradient_checkpointing
+
+
+def test_graphs_go_on_only_where_the_step_is_the_hosts():
+    small, large = ModelShape.from_config(QWEN3["0.6b"]), ModelShape.from_config(QWEN3["8b"])
+    assert host_bound(small, 10240, GPUS["H100"][1]) and not host_bound(large, 10240, GPUS["H100"][1])
+    assert not host_bound(small, 10240, GPUS["L4"][1])
+
+
+def test_cards_are_known_by_the_names_cuda_gives_them():
+    assert [card(n)[0] for n in ("NVIDIA H100 80GB HBM3", "NVIDIA H200", "NVIDIA A100-SXM4-40GB", "NVIDIA A100 80GB PCIe",
+                                 "NVIDIA L40S", "NVIDIA L4", "NVIDIA A10G", "Some Future GPU")] == [
+        "H100", "H200", "A100-40GB", "A100-80GB", "L40S", "L4", "A10G", "H100"]
+
+
+def test_out_of_memory_names_the_setting_and_a_value_that_fits(clean_env):
+    plan = _fast_plan()
+    fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3["0.6b"]), 640, 70.0, GPUS["H100"][1])
+    assert out_of_memory_advice(fitted, fit, 2048) == "set QLORA_TRAIN__CUDA_GRAPHS=false (their pools hold memory)"
+    fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3["8b"]), 640, 70.0, GPUS["H100"][1])
+    assert out_of_memory_advice(fitted, fit, 2048) == "set QLORA_LORA__GRADIENT_CHECKPOINTING=unsloth"
+    fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3["8b"]), 640, 22.0, GPUS["L4"][1])
+    assert out_of_memory_advice(fitted, fit, 2048) == ("set QLORA_TRAIN__PER_DEVICE_BATCH_SIZE=8 and "
+                                                       "QLORA_TRAIN__GRADIENT_ACCUMULATION_STEPS=2 (the same rows a step)")

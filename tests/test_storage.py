@@ -135,3 +135,29 @@ def test_check_uri():
     for bad in ("s3://", "s3://UPPER/x", "http://example.com/x", ""):
         with pytest.raises(ValueError):
             storage.check_uri(bad)
+
+
+def test_a_local_model_folder_is_hashed_once_and_again_only_where_a_file_changed(tmp_path, monkeypatch):
+    """The fingerprint of a mounted model folder costs a stat a file after its first run (issue 30 item 5), and
+    still changes with the content: retraining and warm starts compare it."""
+    folder, cache = tmp_path / "model", tmp_path / "cache" / "fingerprint.json"
+    folder.mkdir()
+    weights = os.urandom(1 << 20)
+    for name, body in (("config.json", b"{}"), ("model.safetensors", weights)):
+        (folder / name).write_bytes(body)
+        os.utime(folder / name, ns=(time.time_ns() - 10**10,) * 2)  # written a while ago, as a mounted model is
+    hashed = []
+    real = storage.sha256_file
+    monkeypatch.setattr(storage, "sha256_file", lambda path: hashed.append(path.name) or real(path))
+    first = storage.content_fingerprint(str(folder), cache)
+    assert sorted(hashed) == ["config.json", "model.safetensors"] and first == storage.content_fingerprint(str(folder))
+    hashed.clear()
+    assert storage.content_fingerprint(str(folder), cache) == first and hashed == [], "nothing is read again"
+    (folder / "model.safetensors").write_bytes(bytes(reversed(weights)))  # other weights of the same size, just now
+    changed = storage.content_fingerprint(str(folder), cache)
+    assert changed != first and hashed == ["model.safetensors"]
+    hashed.clear()
+    assert storage.content_fingerprint(str(folder), cache) == changed and hashed == ["model.safetensors"], \
+        "a file changed within the last 2 s is hashed again: it may change again within one mtime tick"
+    cache.write_text("[not, json")
+    assert storage.content_fingerprint(str(folder), cache) == changed, "a broken cache is only a miss"

@@ -1,0 +1,238 @@
+"""Any model on any card (issue 30), on the GPU machine, in at most three calls:
+
+    python3 bench/gpu_sizes.py probe OUT    # seed anchor; 0.6B, 4B and 8B shapes built; memory_probe.py on each
+    python3 bench/gpu_sizes.py matrix OUT   # the job's defaults at 24, 48 and 78 GiB free on each shape (a balloon
+                                            # process holds the rest of the card), and the seed recipe on each shape
+
+Shapes: Qwen3's published config values with random bf16 weights and the anchor's tokenizer (built by
+`gpu_anchor.py prepare`). Each call writes OUT/<name>.json and OUT/sizes.json with everything."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+REPO = HERE.parent
+ANCHOR_MODEL = "/tmp/qwen3-0.6b-rand"
+# Qwen3-4B and Qwen3-8B config.json values (hidden, intermediate, layers, heads, KV heads, tied embeddings).
+SHAPES = {"0.6b": None, "4b": (2560, 9728, 36, 32, 8, True), "8b": (4096, 12288, 36, 32, 8, False)}
+BUDGET_S = float(os.environ.get("BUDGET_S", "530"))
+STARTED = time.monotonic()
+
+
+def model_dir(shape: str) -> str:
+    return ANCHOR_MODEL if shape == "0.6b" else f"/tmp/qwen3-{shape}-rand"
+
+
+def sh(cmd: list[str], log: Path, env: dict | None = None, timeout: float | None = None) -> tuple[int, float]:
+    started = time.perf_counter()
+    with open(log, "w") as f:
+        try:
+            code = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=REPO, env={**os.environ, **(env or {})},
+                                   timeout=timeout)
+        except subprocess.TimeoutExpired:
+            code = 124
+    return code, round(time.perf_counter() - started, 1)
+
+
+def left() -> float:
+    return BUDGET_S - (time.monotonic() - STARTED)
+
+
+def build_shape(shape: str) -> None:
+    """Random bf16 weights in Qwen3's published shape, the anchor's tokenizer beside them."""
+    import torch
+    from transformers import AutoTokenizer, Qwen3Config, Qwen3ForCausalLM
+
+    hidden, intermediate, layers, heads, kv, tied = SHAPES[shape]
+    tokenizer = AutoTokenizer.from_pretrained(ANCHOR_MODEL)
+    config = Qwen3Config(vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate, num_hidden_layers=layers,
+                         num_attention_heads=heads, num_key_value_heads=kv, head_dim=128, max_position_embeddings=40960,
+                         rope_theta=1000000.0, rms_norm_eps=1e-6, tie_word_embeddings=tied, bos_token_id=None,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    with torch.device("cuda"):
+        model = Qwen3ForCausalLM(config).to(torch.bfloat16)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(model_dir(shape))
+    tokenizer.save_pretrained(model_dir(shape))
+    del model
+    torch.cuda.empty_cache()
+
+
+def anchor(out: Path, shape: str, steps: str) -> dict:
+    """gpu_anchor.py unchanged: its model folder is the anchor's constant, so another shape is put there first."""
+    moved = None
+    if shape != "0.6b":
+        moved = ANCHOR_MODEL + "-orig"
+        os.replace(ANCHOR_MODEL, moved)
+        os.symlink(model_dir(shape), ANCHOR_MODEL)
+    try:
+        code, secs = sh([sys.executable, str(HERE / "gpu_anchor.py"), "unsloth", str(out)], out / f"anchor-{shape}.log",
+                        {"STEPS": steps})
+        result = json.loads((out / "unsloth.json").read_text()) if code == 0 else {"exit": code}
+        (out / "unsloth.json").unlink(missing_ok=True)
+    finally:
+        if moved:
+            os.unlink(ANCHOR_MODEL)
+            os.replace(moved, ANCHOR_MODEL)
+    return {**result, "shape": shape, "seconds": secs}
+
+
+def probe(out: Path) -> dict:
+    results: dict = {"anchor": [], "probes": [], "builds": {}}
+    code, secs = sh([sys.executable, str(HERE / "gpu_anchor.py"), "prepare", str(out)], out / "prepare.log")
+    assert code == 0, (out / "prepare.log").read_text()[-3000:]
+    results["anchor"].append(anchor(out, "0.6b", "25"))
+    print("anchor", results["anchor"][-1], flush=True)
+    for shape in ("4b", "8b"):
+        started = time.perf_counter()
+        build_shape(shape)
+        results["builds"][shape] = round(time.perf_counter() - started, 1)
+        print("built", shape, results["builds"][shape], flush=True)
+    # (shape, checkpointing, graphs, sizes) in the order they matter; skipped once the budget runs low.
+    plan = [("0.6b", 0, 0, "16x256,16x576,16x1024,16x2048"), ("0.6b", 1, 0, "16x256,16x576,16x1024,16x2048"),
+            ("8b", 1, 0, "16x256,16x576,16x1024,16x2048"), ("4b", 1, 0, "16x256,16x576,16x1024,16x2048"),
+            ("4b", 0, 0, "16x256,16x576,16x1024"), ("8b", 0, 0, "16x256,16x576,16x1024"),
+            ("0.6b", 0, 1, "16x384,16x512,16x640,16x768,16x896,16x1024"), ("0.6b", 1, 1, "16x384,16x512,16x640,16x768,16x896,16x1024"),
+            ("4b", 1, 1, "16x384,16x512,16x640,16x768")]
+    for shape, gc, graphs, sizes in plan:
+        if left() < 75:
+            results["probes"].append({"shape": shape, "gc": gc, "graphs": graphs, "skipped": "budget"})
+            continue
+        name = f"probe-{shape}-gc{gc}-g{graphs}"
+        code, secs = sh([sys.executable, str(HERE / "memory_probe.py"), model_dir(shape), str(out / f"{name}.json"),
+                         "--gc", str(gc), "--graphs", str(graphs), "--sizes", sizes], out / f"{name}.log", timeout=max(60, left() - 20))
+        entry = json.loads((out / f"{name}.json").read_text()) if (out / f"{name}.json").exists() else {}
+        results["probes"].append({"shape": shape, "gc": gc, "graphs": graphs, "exit": code, "seconds": secs, **entry})
+        print(name, code, secs, json.dumps(entry.get("sizes")), flush=True)
+    return results
+
+
+def main() -> None:
+    mode, out = sys.argv[1], Path(sys.argv[2])
+    out.mkdir(parents=True, exist_ok=True)
+    import torch
+
+    results = {"mode": mode, "card": torch.cuda.get_device_name(0), "versions": _versions(),
+               **(probe(out) if mode == "probe" else matrix(out))}
+    (out / "sizes.json").write_text(json.dumps(results, indent=1))
+    for log in out.glob("*.log"):  # the files that come back are few: keep the logs' tails in one file
+        with open(out / "logs.txt", "a") as f:
+            f.write(f"==== {log.name}\n" + "".join(log.read_text(errors="replace").splitlines(True)[-40:]))
+        log.unlink()
+    for extra in out.glob("probe-*.json"):
+        extra.unlink()
+    shutil.rmtree(out / "tmp", ignore_errors=True)
+
+
+def _versions() -> dict:
+    from importlib import metadata
+
+    names = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "bitsandbytes", "triton")
+    versions = {}
+    for name in names:
+        try:
+            versions[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            versions[name] = None
+    return versions
+
+
+def balloon(free_gib: float):
+    """A process holding all but `free_gib` of the card (plus what the job's own CUDA context takes), so the job's
+    torch.cuda.mem_get_info sees about free_gib free: a smaller card on this one."""
+    code = ("import sys, time, torch; free, _ = torch.cuda.mem_get_info(); keep = int((float(sys.argv[1]) + 0.5) * 2**30); "
+            "x = torch.empty(max(0, free - keep), dtype=torch.uint8, device='cuda'); print('ready', flush=True); time.sleep(3600)")
+    process = subprocess.Popen([sys.executable, "-c", code, str(free_gib)], stdout=subprocess.PIPE, text=True)
+    assert process.stdout.readline().strip() == "ready"
+    return process
+
+
+def job_run(out: Path, name: str, shape: str, free_gib: float, settings: dict, aws: dict) -> dict:
+    """`python -m job` on a shape with free_gib of the card free; its metrics.json (written also when it fails)."""
+    held = balloon(free_gib)
+    try:
+        seen = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.mem_get_info()[0] / 2**30)"],
+                              capture_output=True, text=True).stdout.strip()
+        env = {**aws, "QLORA_DATASET_URI": "s3://bench/data/learnable.jsonl", "QLORA_OUTPUT_URI": f"s3://bench/{name}",
+               "QLORA_MODEL__NAME": model_dir(shape), "QLORA_RUN_ID": name, "QLORA_WORK_DIR": "/tmp/work",
+               "QLORA_MODEL__CACHE_DIR": "/tmp/models", "QLORA_LOG_FORMAT": "json", "QLORA_VERIFY__PROMPTS": "[]",
+               "QLORA_VERIFY__TRAIN_PROBES": "3", **settings}
+        code, secs = sh([sys.executable, "-m", "job"], out / f"{name}.log", env, timeout=max(60, left() - 15))
+    finally:
+        held.kill()
+        held.wait()
+    metrics_path = Path("/tmp/work") / name / "publish" / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
+    train = metrics
+    log = (out / f"{name}.log").read_text(errors="replace")
+    fingerprint = (metrics.get("timings") or {}).get("fingerprint_s")
+    result = {"name": name, "model": shape, "free_gib": free_gib, "free_gib_seen": float(seen or 0), "exit": code, "seconds": secs,
+              "steady_tok_s": train.get("steady_tokens_per_second"), "peak_gib": train.get("peak_gpu_memory_gib"),
+              "memory_fit": train.get("memory_fit"), "batch_plan": train.get("batch_plan"), "steps": train.get("steps"),
+              "first_step_at_s": train.get("first_step_at_s"), "fingerprint_s": fingerprint,
+              "loss_first": train.get("loss_first"), "loss_last": train.get("loss_last"),
+              "error": next((line for line in reversed(log.splitlines()) if "qlora-job: error" in line), None)}
+    print(json.dumps(result), flush=True)
+    return result
+
+
+def matrix(out: Path) -> dict:
+    """MATRIX=shape@free,... (default: the 24 GiB row first, then 8B at 48 and 78): the job's defaults, STEPS steps
+    (learnable rows; random weights learn little in a few steps, so the gate may say 4). FULL=shape@free runs one to
+    the end (EPOCHS epochs of FULL_ROWS learnable rows), to exit 0. ANCHORS=0.6b,4b,8b: the seed recipe on each."""
+    sys.path.insert(0, str(HERE))
+    sys.path.insert(0, str(REPO))
+    import boto3
+    from gpu_bench import DATA, learnable_rows
+
+    from job.demo import start_local_s3
+
+    results: dict = {"anchor": [], "matrix": [], "builds": {}}
+    code, _ = sh([sys.executable, str(HERE / "gpu_anchor.py"), "prepare", str(out)], out / "prepare.log")
+    assert code == 0, (out / "prepare.log").read_text()[-3000:]
+    for shape in ("4b", "8b"):
+        started = time.perf_counter()
+        build_shape(shape)
+        results["builds"][shape] = round(time.perf_counter() - started, 1)
+    server, aws = start_local_s3()
+    s3 = boto3.client("s3")
+    s3.create_bucket(Bucket="bench")
+    learnable = learnable_rows(Path(DATA))
+    s3.put_object(Bucket="bench", Key="data/learnable.jsonl", Body=learnable.encode())
+    rows = int(os.environ.get("FULL_ROWS", "800"))
+    s3.put_object(Bucket="bench", Key="data/learnable-small.jsonl", Body="".join(learnable.splitlines(True)[:rows]).encode())
+    anchors = [a for a in os.environ.get("ANCHORS", "0.6b").split(",") if a]
+    results["anchor"].append(anchor(out, anchors[0], os.environ.get("ANCHOR_STEPS", "15")))
+    print("anchor", json.dumps(results["anchor"][-1]), flush=True)
+    steps = os.environ.get("STEPS", "12")
+    full = os.environ.get("FULL")
+    if full:
+        shape, free = full.split("@")
+        entry = job_run(out, f"full-{shape}-{free}", shape, float(free),
+                        {"QLORA_DATASET_URI": "s3://bench/data/learnable-small.jsonl", "QLORA_TRAIN__EPOCHS": os.environ.get("EPOCHS", "3")}, aws)
+        results["full"] = entry
+    for shape in anchors[1:]:
+        if left() < 100:
+            results["anchor"].append({"shape": shape, "skipped": "budget"})
+            continue
+        results["anchor"].append(anchor(out, shape, os.environ.get("ANCHOR_STEPS", "15")))
+        print("anchor", json.dumps(results["anchor"][-1]), flush=True)
+    cells = os.environ.get("MATRIX", "8b@24,4b@24,0.6b@24,8b@48,8b@78").split(",")
+    for cell in filter(None, cells):
+        shape, free = cell.split("@")
+        if left() < 70:
+            results["matrix"].append({"model": shape, "free_gib": float(free), "skipped": "budget"})
+            continue
+        results["matrix"].append(job_run(out, f"m-{shape}-{free}", shape, float(free), {"QLORA_TRAIN__MAX_STEPS": steps}, aws))
+    server.stop()
+    return results
+
+
+if __name__ == "__main__":
+    main()
