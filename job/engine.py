@@ -105,11 +105,17 @@ LOAD_ERRORS = (OSError, ValueError, KeyError, RuntimeError)  # what from_pretrai
 
 @contextlib.contextmanager
 def load_errors(what: str, error: type[JobError] = ModelLoadError):
-    """Turn a library's load failure into a one-line JobError: `what: first line of the cause`."""
+    """Turn a library's load failure into a one-line JobError: `what: first line of the cause`. A config.json that
+    its class refuses (huggingface_hub's strict dataclasses: 36 layers but 2 layer_types) is one too."""
+    from huggingface_hub.errors import StrictDataclassError
+
     try:
         yield
-    except LOAD_ERRORS as cause:
-        raise error(f"{what}: {one_line(cause)}") from None
+    except (*LOAD_ERRORS, StrictDataclassError) as cause:
+        text = one_line(cause)
+        if isinstance(cause, StrictDataclassError) and cause.__cause__ is not None:
+            text = f"{text} {one_line(cause.__cause__)}"
+        raise error(f"{what}: {text}") from None
 
 
 def model_dtype():

@@ -162,8 +162,10 @@ LORA_BYTES = 16  # fp32 weight, gradient and two Adam moments per LoRA parameter
 # Without checkpointing every layer's MLP activations stay (9 bytes a unit); Unsloth's offloaded checkpointing keeps
 # about one layer's and sends the rest to host memory.
 ACTIVATIONS = {False: (1.05e9, 9.09, 0.0, 3.05), True: (1.0e8, 0.379, 14.2, 0.197)}
-# Per-block CUDA graphs keep each recorded shape's buffers in private pools; not fitted yet: taken as large as the
-# activations without checkpointing (21.3 GiB peak measured against 13.5 + 11.9 estimated, H200 runs 30-32).
+# Per-block CUDA graphs keep each recorded shape's buffers in a private pool: about one decoder block's activations
+# without checkpointing, for each of up to CUDA_GRAPH_SHAPES shapes. 0.7 fits the pools seen so far (bench/RESULTS.md,
+# "Memory model": 0.6B ~9.4 GiB over a 3-epoch run); not yet measured apart from the rest of a run.
+GRAPH_POOL_SHARE = 0.7
 HEADROOM = (0.85, 0.5)  # plan within 85% of the free memory less 0.5 GiB: allocator fragmentation, CUDA context
 # A step's host cost (Python, kernel launches) and the share of the card's dense bf16 peak a step reaches,
 # fitted on the same probes: step = 0.092 s + tokens x FLOPs a token / (0.52 x peak).
@@ -237,8 +239,9 @@ def estimated_peak_gib(shape: ModelShape, micro_batch_tokens: int, checkpointing
 
 
 def graph_pool_bytes(shape: ModelShape, micro_batch_tokens: int) -> float:
-    _, per_layer_unit, _, per_vocab = ACTIVATIONS[False]
-    return micro_batch_tokens * (per_layer_unit * shape.layers * shape.intermediate + per_vocab * shape.vocab)
+    """The graph pools of a run whose largest micro-batch holds this many tokens."""
+    per_block = micro_batch_tokens * ACTIVATIONS[False][1] * shape.intermediate
+    return GRAPH_POOL_SHARE * CUDA_GRAPH_SHAPES * per_block
 
 
 def estimated_step_seconds(shape: ModelShape, tokens: float, checkpointing: bool, flops: float) -> float:

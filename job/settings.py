@@ -80,7 +80,8 @@ class LoraSettings(Section):
     )
     gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = Field(
         "auto",
-        description="Gradient checkpointing: auto (seed recipe: unsloth; fast recipe: only when activations would not fit), "
+        description="Gradient checkpointing: auto (seed recipe: unsloth; fast recipe: only when the card's free memory cannot "
+        "hold the micro-batch without it, job/plan.py), "
         "unsloth (offloaded, unsloth engine), true, or false.",
     )
 

@@ -577,11 +577,10 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     try:
         trainer.train(resume_from_checkpoint=str(spec.resume_from) if spec.resume_from else None)
     except torch.OutOfMemoryError:
-        shape = f"{plan.per_device_batch_size} rows x {fit.micro_batch_tokens // plan.per_device_batch_size} tokens, " if fit else ""
-        raise OutOfMemory(
-            f"out of GPU memory at step {trainer.state.global_step} ({shape}estimated peak "
-            f"{fit.peak_gpu_memory_gib if fit else '?'} GiB): {planning.out_of_memory_advice(plan, fit, settings.model.max_seq_length)}"
-        ) from None
+        planned = (f" ({plan.per_device_batch_size} rows x {fit.micro_batch_tokens // plan.per_device_batch_size} tokens, "
+                   f"estimated peak {fit.peak_gpu_memory_gib} GiB of {fit.budget_gib} planned)") if fit else ""
+        raise OutOfMemory(f"out of GPU memory at step {trainer.state.global_step}{planned}: "
+                          f"{planning.out_of_memory_advice(plan, fit, settings.model.max_seq_length)}") from None
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])

@@ -98,7 +98,8 @@ def test_out_of_memory_exits_11_and_publishes_nothing(monkeypatch, job_env, s3, 
 
     monkeypatch.setattr(SFTTrainer, "training_step", oom)
     assert _run_in_process(monkeypatch, {**job_env, "QLORA_RUN_ID": "oom"}) == ExitCode.OUT_OF_MEMORY
-    assert "out of GPU memory at step 0: lower QLORA_TRAIN__PER_DEVICE_BATCH_SIZE" in capsys.readouterr().err
+    assert ("out of GPU memory at step 0: set QLORA_TRAIN__PER_DEVICE_BATCH_SIZE=2 and QLORA_TRAIN__GRADIENT_ACCUMULATION_STEPS=2 "
+            "(the same rows a step)") in capsys.readouterr().err
     assert not s3.list_objects_v2(Bucket=bucket, Prefix="runs/oom/").get("Contents")
 
 

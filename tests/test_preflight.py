@@ -65,3 +65,45 @@ def test_a_plan_that_finds_a_problem_exits_with_the_jobs_code_and_one_line(s3, b
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("qlora-job: error: ") and message in last, last
     assert result.stdout == "" and "Traceback" not in result.stderr
+
+
+def test_the_plan_sizes_an_8b_model_for_a_named_card_from_its_config_alone(tiny_model, tmp_path):
+    """No weights at all: a Qwen3-8B config.json beside a tokenizer. On an L4 the micro-batch needs checkpointing,
+    on an H100 it fits without; CUDA graphs stay off on both (an 8B step is the GPU's, not the host's)."""
+    import shutil
+
+    from job.plan import GPUS
+
+    model = tmp_path / "qwen3-8b-config-only"
+    model.mkdir()
+    for path in tiny_model.iterdir():
+        if not path.name.endswith(".safetensors"):
+            shutil.copy(path, model / path.name)
+    config = json.loads((model / "config.json").read_text())
+    config.update(hidden_size=4096, intermediate_size=12288, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
+                  head_dim=128, vocab_size=151936, tie_word_embeddings=False)
+    (model / "config.json").write_text(json.dumps(config))
+    broken = run_job("plan", env={"HF_HUB_OFFLINE": "1", "QLORA_DATASET_URI": str(tmp_path / "x.jsonl"),
+                                  "QLORA_OUTPUT_URI": str(tmp_path / "out"), "QLORA_MODEL__NAME": str(model)})
+    assert broken.returncode == ExitCode.MODEL_LOAD and "must be equal to the number of `layer_types`" in broken.stderr, \
+        "a config.json its class refuses is a model load error (it was exit 1)"
+    config.pop("layer_types", None)
+    (model / "config.json").write_text(json.dumps(config))
+    long_answer = " ".join(a for _, a in FACTS) * 12
+    (tmp_path / "train.jsonl").write_text("\n".join(json.dumps({"instruction": q, "output": long_answer}) for q, _ in FACTS * 8) + "\n")
+    env = {"HF_HUB_OFFLINE": "1", "QLORA_DATASET_URI": str(tmp_path / "train.jsonl"), "QLORA_OUTPUT_URI": str(tmp_path / "out"),
+           "QLORA_MODEL__NAME": str(model), "QLORA_WORK_DIR": str(tmp_path / "work")}
+    plans = {}
+    for gpu in ("L4", "H100"):
+        result = run_job("plan", "--gpu", gpu, env=env)
+        assert result.returncode == 0, result.stderr[-3000:]
+        plans[gpu] = json.loads(result.stdout)
+    for gpu, checkpointing in (("L4", True), ("H100", False)):
+        training, estimate = plans[gpu]["training"], plans[gpu]["estimate"]
+        assert (estimate["gpu"], estimate["model_params"]) == (gpu, 8_190_427_136)
+        assert (training["gradient_checkpointing"], training["cuda_graphs"]) == (checkpointing, False)
+        assert training["micro_batch_tokens"] >= 16 * plans[gpu]["tokens"]["longest_row"] > 0
+        assert 6.3 < estimate["peak_gpu_memory_gib"] < 0.85 * GPUS[gpu][0] and estimate["train_seconds"] > 0
+    assert plans["L4"]["estimate"]["train_seconds"] > 2 * plans["H100"]["estimate"]["train_seconds"], "an L4 is ~8x slower"
+    unknown = run_job("plan", "--gpu", "TPU", env=env)
+    assert unknown.returncode == ExitCode.CONFIG and "QLORA_PLAN__GPU" in unknown.stderr
