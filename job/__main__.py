@@ -28,7 +28,7 @@ def new_run_id() -> str:
 
 def run(settings: Settings, run_id: str, push) -> ExitCode:
     """One fine-tuning run, a stage a line (docs/design.md, "How one run flows")."""
-    from job import data, engine, evaluate, export, observe, publish, retrain, train, verify, warmstart
+    from job import data, engine, evaluate, export, observe, publish, retrain, servable, train, verify, warmstart
 
     run_uri, work = storage.join(settings.output_uri, run_id), settings.work_dir / run_id
     out = work / "publish"  # exactly what gets uploaded
@@ -63,6 +63,7 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
         with engine.reloaded(settings, spec.engine, source, spec.adapter_dir) as tuned:
             with stage("verify"):
                 probes, adapter_report = verify.verify_run(settings, tuned.model, tuned.tokenizer, metrics.data.train_path, out)
+                metrics.servable = servable.check_run(spec.adapter_dir, tuned.model.config.to_dict(), settings.verify.require_servable)
             with stage("evaluate"):
                 metrics.evaluation = evaluate.evaluate_run(settings, tuned.model, tuned.tokenizer, spec.eval_dataset,
                                                            identity["base_model"], run_id, work, out)

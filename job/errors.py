@@ -14,6 +14,7 @@ class ExitCode(IntEnum):
     MODEL_LOAD = 5
     EXPORT = 6
     NOT_PROMOTED = 7
+    NOT_SERVABLE = 8
     STORAGE = 10
     OUT_OF_MEMORY = 11
     NON_FINITE_LOSS = 12
@@ -32,6 +33,8 @@ EXIT_CODES: dict[ExitCode, tuple[bool, str]] = {
     ExitCode.EXPORT: (False, "export failed (merged model or a required GGUF conversion)"),
     ExitCode.NOT_PROMOTED: (False, "published but not promoted: worse than the champion on held-out answers "
                             "(only with QLORA_PROMOTION__FAIL_WHEN_NOT_PROMOTED=true)"),
+    ExitCode.NOT_SERVABLE: (False, "the adapter would not load in an engine QLORA_VERIFY__REQUIRE_SERVABLE names "
+                            "(vLLM, SGLang, llama.cpp); nothing published"),
     ExitCode.STORAGE: (True, "storage error after retries (S3 unreachable, 5xx)"),
     ExitCode.OUT_OF_MEMORY: (False, "out of GPU memory (retry only with other settings)"),
     ExitCode.NON_FINITE_LOSS: (False, "non-finite loss"),
@@ -75,6 +78,10 @@ class ExportError(JobError):
 
 class NotPromoted(JobError):
     exit_code = ExitCode.NOT_PROMOTED
+
+
+class NotServable(JobError):
+    exit_code = ExitCode.NOT_SERVABLE
 
 
 class StorageError(JobError):

@@ -74,10 +74,11 @@ class RunMetrics:
     data: object | None = None  # job.data.DataReport, once the data is validated
     parent: dict | None = None  # a warm start's parent adapter (warmstart.fetch_parent)
     evaluation: dict | None = None  # held-out answer metrics and the promotion decision (evaluate.evaluate_run)
+    servable: dict | None = None  # {vllm, sglang, llama_cpp}: whether each loads the adapter, and why (servable.check_run)
 
     def as_json(self) -> dict:
         document = {**self.train.as_dict(), "run_id": self.run_id, "timings": self.timings, "parent": self.parent,
-                    "evaluation": self.evaluation}
+                    "evaluation": self.evaluation, "servable": self.servable}
         if self.data is not None:
             document.update(overlength_truncated=self.data.truncated, data=self.data.summary())
         return document

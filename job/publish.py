@@ -80,6 +80,8 @@ def build_manifest(run_id: str, settings: Settings, report, identity: dict, metr
         # held-out answer metrics (job/evaluate.py) and whether latest.json moved to this run, and why
         "evaluation": {k: v for k, v in (metrics.get("evaluation") or {}).items() if k != "promotion"},
         "promotion": (metrics.get("evaluation") or {}).get("promotion") or {"promoted": True, "reason": "not evaluated"},
+        # whether vLLM, SGLang and llama.cpp load the adapter as published, and why not (job/servable.py)
+        "servable": metrics.get("servable"),
     }
 
 

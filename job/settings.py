@@ -252,6 +252,10 @@ class VerifySettings(Section):
         "where that is longer; an answer must end before it.",
     )
     require_change: bool = Field(True, description="Require at least one answer to differ from the base model's.")
+    require_servable: list[Literal["vllm", "sglang", "llama_cpp"]] = Field(
+        default_factory=list, description="Engines the adapter must load in as published (JSON list of vllm, sglang, "
+        "llama_cpp): one whose loader would refuse it (job/servable.py) fails the run with exit 8 before publishing. The "
+        "manifest's `servable` says it for every engine either way.")
 
     @model_validator(mode="after")
     def _something_to_verify(self):

@@ -81,7 +81,7 @@ def test_pod_failure_policy_codes_are_the_exit_code_table():
     rules = job_spec(render("-f", str(CHART / "ci" / "minimal-values.yaml")))["podFailurePolicy"]["rules"]
     fail = next(r for r in rules if r["action"] == "FailJob")["onExitCodes"]
     no_retry = {int(code) for code, (retry, _) in EXIT_CODES.items() if not retry and code != ExitCode.OK}
-    assert set(fail["values"]) == no_retry == {2, 3, 4, 5, 6, 7, 11, 12}
+    assert set(fail["values"]) == no_retry == {2, 3, 4, 5, 6, 7, 8, 11, 12}
     assert fail["containerName"] == "qlora-job"
     assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in rules
 

@@ -75,6 +75,7 @@ def test_job_trains_verifies_and_publishes_an_adapter_that_reproduces_what_it_le
     assert manifest["dataset"]["sha256"] == hashlib.sha256(dataset).hexdigest()
     assert manifest["settings"]["lora"]["r"] == 16 and manifest["engine"] == "transformers"
     assert manifest["packages"]["trl"] == "1.14.2"
+    assert {engine: v["servable"] for engine, v in manifest["servable"].items()} == {"vllm": True, "sglang": True, "llama_cpp": True}
 
     metrics = json.loads(s3.get_object(Bucket=bucket, Key="runs/run-1/metrics.json")["Body"].read())
     assert metrics["steps"] == 150 and metrics["loss_last"] < metrics["loss_first"] / 2
