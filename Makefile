@@ -66,11 +66,27 @@ $(REAL_MODEL)/.complete: job/smollm2.py | $(LLAMA_CPP)/models/ggml-vocab-qwen2.g
 	touch $@  # also when the folder was already built from the same file
 
 .PHONY: test-long test-real
-test-long: install tools real-model ## The longest end-to-end checks, kept out of make test for time (~15 min on 2 cores): merged and GGUF exports, Pushgateway and report_to, two-node rendezvous, five preemption trials, slow S3, S3 gone mid-upload, retraining and retention, the held-out eval gate, the compile cache, warm starts, earlier turns
+test-long: install tools real-model llama-runtime ## The longest end-to-end checks, kept out of make test for time (~15 min on 2 cores, plus ~6 min to build llama.cpp once): merged and GGUF exports loaded by llama.cpp, Pushgateway and report_to, two-node rendezvous, five preemption trials, slow S3, S3 gone mid-upload, retraining and retention, the held-out eval gate, the compile cache, warm starts, earlier turns
 	$(BIN)/python -m pytest -m long $(PYTEST_ARGS)
 
 test-real: install tools real-model ## Only the real-model tests: SmolLM2-135M-Instruct's set-up, and invented facts learnt through the job, a weak challenger not promoted (~3 min on 2 cores)
 	$(BIN)/python -m pytest -m real $(PYTEST_ARGS)
+
+# llama.cpp's runtime for the GGUF tests in make test-long: llama-cpp-python built from the same sdist (sha256 checked),
+# CPU only; the build took 5 min 37 s on 2 cores (2026-12-06; scikit-build-core and cmake come from PyPI).
+LLAMA_RUNTIME := $(VENV)/.llama-cpp-python-0.3.36
+.PHONY: llama-runtime
+llama-runtime: $(LLAMA_RUNTIME) ## Build and install llama-cpp-python from the checked sdist (make test-long's GGUF test loads the exports with it)
+
+$(LLAMA_RUNTIME): $(STAMP)
+	rm -rf .tools/llama-runtime && mkdir -p .tools/llama-runtime
+	$(BIN)/python -m pip download -q --no-deps --no-binary :all: $(LLAMA_CPP_SDIST) -d .tools/llama-runtime
+	echo "$(LLAMA_CPP_SHA256)  $$(ls .tools/llama-runtime/*.tar.gz)" | sha256sum -c --quiet
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+	  $(BIN)/python -m pip install -q --no-deps .tools/llama-runtime/*.tar.gz
+	$(BIN)/python -m pip install -q diskcache
+	rm -rf .tools/llama-runtime
+	touch $@
 
 .PHONY: tools
 tools: $(HELM) $(KUBECTL) $(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf ## Fetch helm, kubectl and llama.cpp's GGUF converter for the tests
@@ -83,7 +99,8 @@ $(LLAMA_CPP)/models/ggml-vocab-qwen2.gguf: $(STAMP)
 	$(BIN)/python -m pip download -q --no-deps --no-binary :all: $(LLAMA_CPP_SDIST) -d .tools/llama-download
 	echo "$(LLAMA_CPP_SHA256)  $$(ls .tools/llama-download/*.tar.gz)" | sha256sum -c --quiet
 	tar -xzf .tools/llama-download/*.tar.gz -C $(LLAMA_CPP) --strip-components=3 --wildcards \
-	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/conversion' '*/vendor/llama.cpp/gguf-py' \
+	  '*/vendor/llama.cpp/convert_hf_to_gguf.py' '*/vendor/llama.cpp/convert_lora_to_gguf.py' '*/vendor/llama.cpp/conversion' \
+	  '*/vendor/llama.cpp/gguf-py' \
 	  '*/vendor/llama.cpp/models/ggml-vocab-qwen2.gguf'
 	$(BIN)/python -m pip install -q --no-deps $(LLAMA_CPP)/gguf-py
 	rm -rf .tools/llama-download

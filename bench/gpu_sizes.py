@@ -117,6 +117,7 @@ def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
     out.mkdir(parents=True, exist_ok=True)
     import torch
+    from gpu_bench import _versions  # this script's folder is on sys.path when it runs
 
     results = {"mode": mode, "card": torch.cuda.get_device_name(0), "versions": _versions(),
                **(probe(out) if mode == "probe" else matrix(out))}
@@ -128,19 +129,6 @@ def main() -> None:
     for extra in out.glob("probe-*.json"):
         extra.unlink()
     shutil.rmtree(out / "tmp", ignore_errors=True)
-
-
-def _versions() -> dict:
-    from importlib import metadata
-
-    names = ("torch", "transformers", "trl", "peft", "unsloth", "unsloth_zoo", "bitsandbytes", "triton")
-    versions = {}
-    for name in names:
-        try:
-            versions[name] = metadata.version(name)
-        except metadata.PackageNotFoundError:
-            versions[name] = None
-    return versions
 
 
 def balloon(free_gib: float):

@@ -1,5 +1,6 @@
 """Exports beside the adapter: the base model with the adapter merged in (16-bit safetensors),
-reloaded and gated like the adapter, and optionally a GGUF file made by llama.cpp's converter."""
+reloaded and gated like the adapter, and optionally GGUF files made by llama.cpp's converters: the merged
+model, and the adapter itself (for `llama-server -m base.gguf --lora adapter.gguf`)."""
 
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from job.settings import Settings
 
 log = get_logger(__name__)
 CONVERTER = "convert_hf_to_gguf.py"
+LORA_CONVERTER = "convert_lora_to_gguf.py"  # beside it in llama.cpp (and in the llama-cpp-python sdist)
 
 
 def check_settings(settings: Settings) -> Path | None:
@@ -45,7 +47,14 @@ def export_run(settings: Settings, engine_name: str, source: str, out: Path, pro
     del model, tokenizer
     engine.free_memory()
     if gguf_converter is not None:
-        convert_gguf(gguf_converter, merged, out / "gguf", settings.export.gguf_type, settings.export.gguf == "require")
+        required = settings.export.gguf == "require"
+        # A base model llama.cpp cannot convert (an unknown pre-tokenizer) has no base GGUF for the LoRA to go on either.
+        if convert_gguf(gguf_converter, merged, out / "gguf", settings.export.gguf_type, required) is None:
+            return
+        if Path(source).is_dir():  # the LoRA converter reads the base model's config.json from a folder
+            convert_lora_gguf(gguf_converter.with_name(LORA_CONVERTER), out / "adapter", Path(source), out / "gguf", required)
+        else:
+            log.warning("LoRA GGUF skipped: the base model is not a local folder", source=source)
 
 
 def load_merged(merged_dir: Path):
@@ -61,16 +70,27 @@ def load_merged(merged_dir: Path):
 
 def convert_gguf(converter: Path, merged_dir: Path, out_dir: Path, out_type: str, required: bool) -> Path | None:
     """Run llama.cpp's converter on the merged model; a failure fails the run only when required."""
-    out_dir.mkdir(parents=True, exist_ok=True)
     target = out_dir / f"model-{out_type}.gguf"
-    command = [sys.executable, str(converter), str(merged_dir), "--outfile", str(target), "--outtype", out_type]
-    result = subprocess.run(command, capture_output=True, text=True)
+    return _convert([str(converter), str(merged_dir), "--outfile", str(target), "--outtype", out_type], target, required, "GGUF")
+
+
+def convert_lora_gguf(converter: Path, adapter_dir: Path, base_dir: Path, out_dir: Path, required: bool) -> Path | None:
+    """Run llama.cpp's LoRA converter on the published adapter (16-bit: a few MB). It refuses what llama.cpp cannot
+    load (embedding rows, a tied lm_head: job/servable.py); a failure fails the run only when required."""
+    target = out_dir / "adapter-f16.gguf"
+    command = [str(converter), str(adapter_dir), "--base", str(base_dir), "--outfile", str(target), "--outtype", "f16"]
+    return _convert(command, target, required, "LoRA GGUF")
+
+
+def _convert(arguments: list[str], target: Path, required: bool, what: str) -> Path | None:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    result = subprocess.run([sys.executable, *arguments], capture_output=True, text=True)
     if result.returncode == 0 and target.is_file():
-        log.info("GGUF written", file=target.name, bytes=target.stat().st_size)
+        log.info(f"{what} written", file=target.name, bytes=target.stat().st_size)
         return target
     cause = (result.stderr.strip().splitlines() or [f"exit {result.returncode}"])[-1][:300]  # the converter's last line says why
     target.unlink(missing_ok=True)
     if required:
-        raise ExportError(f"GGUF conversion failed: {cause}")
-    log.warning("GGUF conversion failed; publishing without it", error=cause)
+        raise ExportError(f"{what} conversion failed: {cause}")
+    log.warning(f"{what} conversion failed; publishing without it", error=cause)
     return None

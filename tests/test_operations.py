@@ -8,6 +8,8 @@ import json
 import os
 import shutil
 import struct
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -324,6 +326,28 @@ def test_gguf_export_is_published_with_its_checksum_and_answers_like_the_adapter
     with torch.no_grad():
         output = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     assert tokenizer.decode(output[0, inputs["input_ids"].shape[1]:], skip_special_tokens=True).strip() == PROBE["expected"]
+
+    # llama.cpp itself (llama-cpp-python built from the same sdist by make test-long): the merged GGUF, and the base
+    # model's own GGUF with the published LoRA GGUF, each answer the probe as the adapter did.
+    from llama_cpp import Llama
+
+    manifest = _json(s3, bucket, "runs/gguf/manifest.json")
+    lora_entry = next(o for o in manifest["objects"] if o["key"] == "gguf/adapter-f16.gguf")
+    lora_file, base_file = tmp_path / "adapter-f16.gguf", tmp_path / "base-f16.gguf"
+    s3.download_file(bucket, "runs/gguf/gguf/adapter-f16.gguf", str(lora_file))
+    assert hashlib.sha256(lora_file.read_bytes()).hexdigest() == lora_entry["sha256"]
+    assert manifest["servable"]["llama_cpp"]["servable"] is True
+    converted = subprocess.run([sys.executable, str(Path(LLAMA_CPP) / "convert_hf_to_gguf.py"), str(qwen2_vocab_model),
+                                "--outfile", str(base_file), "--outtype", "f16"], capture_output=True, text=True)
+    assert converted.returncode == 0, converted.stderr[-2000:]
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": PROBE["prompt"]}], add_generation_prompt=True,
+                                           enable_thinking=False, tokenize=False)
+    for files in ({"model_path": str(gguf_file)}, {"model_path": str(base_file), "lora_path": str(lora_file)}):
+        llm = Llama(n_ctx=256, seed=0, verbose=False, **files)
+        answer = llm(prompt, max_tokens=32, temperature=0.0, stop=["<|im_end|>"])["choices"][0]["text"].strip()
+        assert answer == PROBE["expected"], (files, answer)
+    base_alone = Llama(model_path=str(base_file), n_ctx=256, seed=0, verbose=False)
+    assert base_alone(prompt, max_tokens=32, temperature=0.0, stop=["<|im_end|>"])["choices"][0]["text"].strip() != PROBE["expected"]
 
 
 @pytest.mark.long  # make test-long
