@@ -146,6 +146,17 @@ class DataSettings(Section):
         "read so far (plus 4 MiB) is refused as a decompression bomb (exit 3); JSONL compresses 3-20x. 0: no limit.")
     overlength: Literal["reject", "truncate"] = Field("reject", description="Rows longer than model.max_seq_length: reject (counted as bad rows) or truncate.")
     system_prompt: str | None = Field(None, description="System prompt added to rows that have none.")
+
+    @field_validator("system_prompt")
+    @classmethod
+    def _encodable(cls, value: str | None) -> str | None:
+        # An environment variable holding bytes that are not UTF-8 reaches Python as lone surrogates.
+        if value is not None:
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                raise ValueError("is not valid UTF-8 text") from None
+        return value
     train_turns: Literal["all", "last"] = Field(
         "all", description="Which assistant turns of a multi-turn messages row carry the loss: all of them (system and user "
         "turns masked), or only the last (the earlier ones are context, as in the prompt/completion format).",

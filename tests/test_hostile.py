@@ -238,6 +238,15 @@ def test_a_lone_surrogate_is_a_rejected_row_with_shard_and_line_counted_in_the_r
     assert [json.loads(line)["line"] for line in report.train_path.read_text(encoding="utf-8").splitlines()] == [1, 4]
 
 
+def test_a_system_prompt_setting_that_is_not_utf8_is_a_settings_error(clean_env):
+    from pydantic import ValidationError
+
+    from job.settings import Settings
+
+    with pytest.raises(ValidationError, match="is not valid UTF-8 text"):  # os.environ decodes bad bytes to lone surrogates
+        Settings(dataset_uri="s3://b/d.jsonl", output_uri="s3://b/runs", data={"system_prompt": "be \udcff brief"})
+
+
 def test_validate_data_exits_3_on_a_lone_surrogate_not_1(tmp_path):
     source = tmp_path / "train.jsonl"
     source.write_bytes(b'{"instruction": "\\ud800", "output": "A"}\n')
@@ -246,8 +255,11 @@ def test_validate_data_exits_3_on_a_lone_surrogate_not_1(tmp_path):
     assert "Traceback" not in result.stderr and "line 1: holds a lone surrogate" in result.stderr
 
 
-# Every character, lone surrogates included, and JSON values of any shape.
-TEXT = st.text(st.characters(exclude_categories=()), max_size=40)
+# Every character, with lone surrogates (0.2% of code points) drawn as often as all the others together, and JSON
+# values of any shape.
+# (st.text over a union of alphabets almost never draws the second one: lists of characters, joined, do.) Half the
+# strings are ordinary text, so that rows are accepted too and reach the tokenizer.
+TEXT = st.text(max_size=40) | st.lists(st.characters(exclude_categories=()) | st.characters(categories=["Cs"]), max_size=40).map("".join)
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | TEXT,
                            lambda inner: st.lists(inner, max_size=4) | st.dictionaries(TEXT, inner, max_size=4), max_leaves=12)
 MESSAGE = st.fixed_dictionaries({"role": st.sampled_from(["system", "user", "assistant", "tool"]) | TEXT, "content": TEXT | JSON_VALUES})
@@ -260,7 +272,7 @@ ROWS = st.one_of(
 
 
 @settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(row=ROWS, ascii_only=st.booleans(), system_prompt=st.none() | TEXT)
+@given(row=ROWS, ascii_only=st.booleans(), system_prompt=st.none() | st.text(max_size=40))
 def test_any_json_row_is_an_accepted_row_or_a_row_error(tiny_tokenizer, row, ascii_only, system_prompt):
     """Through the row parser, the converter, the accepted row's own line in train.jsonl and the tokenizer
     path (chat template, then tokens) that measures it: nothing else may come out, so no row ends as exit 1."""
