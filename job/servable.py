@@ -32,13 +32,17 @@ LORA_SUFFIXES = (".lora_A.weight", ".lora_B.weight", ".lora_embedding_A", ".lora
 
 def check_adapter(folder: Path, base_config: dict) -> dict:
     """{engine: {"servable": bool, "reason": str}} for vLLM, SGLang and llama.cpp, from the saved adapter's
-    adapter_config.json and tensor names, and the base model's config (model_type, tied embeddings)."""
+    adapter_config.json and tensor names, and the base model's config (model_type, tied embeddings); vLLM's entry
+    also holds the `flags` a rank over 16 needs."""
     from safetensors import safe_open
 
     config = json.loads((folder / "adapter_config.json").read_text(encoding="utf-8"))
     with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as tensors:
         names = list(tensors.keys())
-    return {name: _verdict(problems) for name, problems in problems_by_engine(config, names, base_config).items()}
+    report = {name: _verdict(problems) for name, problems in problems_by_engine(config, names, base_config).items()}
+    if flags := vllm_flags(config):
+        report["vllm"]["flags"] = flags
+    return report
 
 
 def problems_by_engine(config: dict, tensor_names: list[str], base_config: dict) -> dict[str, list[str]]:
@@ -102,9 +106,6 @@ def require(report: dict, engines: list[str]) -> None:
 def check_run(adapter_dir: Path, base_config: dict, required: list[str]) -> dict:
     """The verify stage's servability check: the report (logged, kept for the manifest), then `require`."""
     report = check_adapter(adapter_dir, base_config)
-    config = json.loads((adapter_dir / "adapter_config.json").read_text(encoding="utf-8"))
-    if flags := vllm_flags(config):
-        report["vllm"]["flags"] = flags
     log.info("servability", **{engine: v["servable"] for engine, v in report.items()},
              reasons={engine: v["reason"] for engine, v in report.items() if not v["servable"]})
     require(report, required)
