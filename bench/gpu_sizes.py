@@ -1,8 +1,9 @@
 """Any model on any card (issue 30), on the GPU machine, in at most three calls:
 
     python3 bench/gpu_sizes.py probe OUT    # seed anchor; 0.6B, 4B and 8B shapes built; memory_probe.py on each
-    python3 bench/gpu_sizes.py matrix OUT   # the job's defaults at 24, 48 and 78 GiB free on each shape (a balloon
-                                            # process holds the rest of the card), and the seed recipe on each shape
+    CELLS=8b@24,4b@48,0.6b@78:full ANCHORS=0.6b,8b python3 bench/gpu_sizes.py matrix OUT
+                                            # the job's defaults with 24, 48 or 78 GiB free (a balloon process holds
+                                            # the rest of the card), and the seed recipe on each shape
 
 Shapes: Qwen3's published config values with random bf16 weights and the anchor's tokenizer (built by
 `gpu_anchor.py prepare`). Each call writes OUT/<name>.json and OUT/sizes.json with everything."""
@@ -141,39 +142,68 @@ def balloon(free_gib: float):
     return process
 
 
-def job_run(out: Path, name: str, shape: str, free_gib: float, settings: dict, aws: dict) -> dict:
-    """`python -m job` on a shape with free_gib of the card free; its metrics.json (written also when it fails)."""
+def job_run(out: Path, name: str, shape: str, free_gib: float, settings: dict, aws: dict, to_the_end: bool) -> dict:
+    """`python -m job` on a shape with free_gib of the card free. Cut short (to_the_end False): stopped once its
+    "training finished" line is logged (verify and publish would load the model again to say exit 4: random weights
+    learn little in a few steps). The figures come from its JSON log lines."""
     held = balloon(free_gib)
+    log_path = out / f"{name}.log"
+    started = time.perf_counter()
     try:
         seen = subprocess.run([sys.executable, "-c", "import torch; print(torch.cuda.mem_get_info()[0] / 2**30)"],
                               capture_output=True, text=True).stdout.strip()
-        env = {**aws, "QLORA_DATASET_URI": "s3://bench/data/learnable.jsonl", "QLORA_OUTPUT_URI": f"s3://bench/{name}",
+        env = {**os.environ, **aws, "QLORA_DATASET_URI": "s3://bench/data/learnable.jsonl", "QLORA_OUTPUT_URI": f"s3://bench/{name}",
                "QLORA_MODEL__NAME": model_dir(shape), "QLORA_RUN_ID": name, "QLORA_WORK_DIR": "/tmp/work",
                "QLORA_MODEL__CACHE_DIR": "/tmp/models", "QLORA_LOG_FORMAT": "json", "QLORA_VERIFY__PROMPTS": "[]",
                "QLORA_VERIFY__TRAIN_PROBES": "3", **settings}
-        code, secs = sh([sys.executable, "-m", "job"], out / f"{name}.log", env, timeout=max(60, left() - 15))
+        code, stopped = None, False
+        with open(log_path, "w") as log:
+            job = subprocess.Popen([sys.executable, "-m", "job"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
+                                   env=env, text=True)
+            deadline = time.monotonic() + max(60, left() - 15)
+            for line in job.stdout:
+                log.write(line)
+                if (not to_the_end and '"training finished"' in line) or time.monotonic() > deadline:
+                    stopped = '"training finished"' in line
+                    job.kill()
+                    break
+            code = job.wait()
+            code = "stopped after training" if stopped else (124 if code < 0 else code)
     finally:
         held.kill()
         held.wait()
-    metrics_path = Path("/tmp/work") / name / "publish" / "metrics.json"
-    metrics = json.loads(metrics_path.read_text()) if metrics_path.exists() else {}
-    train = metrics
-    log = (out / f"{name}.log").read_text(errors="replace")
-    fingerprint = (metrics.get("timings") or {}).get("fingerprint_s")
-    result = {"name": name, "model": shape, "free_gib": free_gib, "free_gib_seen": float(seen or 0), "exit": code, "seconds": secs,
-              "steady_tok_s": train.get("steady_tokens_per_second"), "peak_gib": train.get("peak_gpu_memory_gib"),
-              "memory_fit": train.get("memory_fit"), "batch_plan": train.get("batch_plan"), "steps": train.get("steps"),
-              "first_step_at_s": train.get("first_step_at_s"), "fingerprint_s": fingerprint,
-              "loss_first": train.get("loss_first"), "loss_last": train.get("loss_last"),
-              "error": next((line for line in reversed(log.splitlines()) if "qlora-job: error" in line), None)}
+    events, stages = {}, {}
+    for line in log_path.read_text(errors="replace").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "event" in record:
+            events.setdefault(record["event"], record)
+            if record["event"] == "stage finished":
+                stages[record.get("stage")] = record.get("seconds")
+    fitted, finished = events.get("plan fitted to this card", {}), events.get("training finished", {})
+    result = {"name": name, "model": shape, "free_gib": free_gib, "free_gib_seen": float(seen or 0), "exit": code,
+              "seconds": round(time.perf_counter() - started, 1), "settings": settings,
+              "steady_tok_s": finished.get("steady_tokens_per_s"), "peak_gib": finished.get("peak_gpu_memory_gib"),
+              "estimated_peak_gib": fitted.get("peak_gpu_memory_gib"), "train_seconds": finished.get("train_seconds"),
+              "estimated_train_seconds": finished.get("estimated_train_seconds"), "steps": finished.get("steps"),
+              "first_step_at_s": finished.get("first_step_at_s"), "loss_first": finished.get("loss_first"),
+              "loss_last": finished.get("loss_last"),
+              "chose": {k: fitted.get(k) for k in ("per_device_batch_size", "gradient_accumulation_steps", "micro_batch_tokens",
+                                                   "gradient_checkpointing", "cuda_graphs", "longest_row_tokens", "budget_gib")},
+              "stages": stages,
+              "error": next((line for line in reversed(log_path.read_text(errors="replace").splitlines())
+                             if "qlora-job: error" in line), None)}
     print(json.dumps(result), flush=True)
     return result
 
 
 def matrix(out: Path) -> dict:
-    """MATRIX=shape@free,... (default: the 24 GiB row first, then 8B at 48 and 78): the job's defaults, STEPS steps
-    (learnable rows; random weights learn little in a few steps, so the gate may say 4). FULL=shape@free runs one to
-    the end (EPOCHS epochs of FULL_ROWS learnable rows), to exit 0. ANCHORS=0.6b,4b,8b: the seed recipe on each."""
+    """CELLS=shape@free[:length],...: the job's defaults with `free` GiB of the card free. length: absent, STEPS steps
+    cut short after training; eN, N epochs of the learnable rows cut short after training; full, the default length
+    (3 epochs) to the end (exit 0: verified and published). ANCHORS=0.6b,4b,8b: the seed recipe on each shape, first.
+    A warm machine keeps the prepared data and the built shapes between calls."""
     sys.path.insert(0, str(HERE))
     sys.path.insert(0, str(REPO))
     import boto3
@@ -182,42 +212,36 @@ def matrix(out: Path) -> dict:
     from job.demo import start_local_s3
 
     results: dict = {"anchor": [], "matrix": [], "builds": {}}
-    code, _ = sh([sys.executable, str(HERE / "gpu_anchor.py"), "prepare", str(out)], out / "prepare.log")
-    assert code == 0, (out / "prepare.log").read_text()[-3000:]
-    for shape in ("4b", "8b"):
-        started = time.perf_counter()
-        build_shape(shape)
-        results["builds"][shape] = round(time.perf_counter() - started, 1)
+    if not Path(ANCHOR_MODEL, "config.json").exists():
+        code, _ = sh([sys.executable, str(HERE / "gpu_anchor.py"), "prepare", str(out)], out / "prepare.log")
+        assert code == 0, (out / "prepare.log").read_text()[-3000:]
+    cells = [c for c in os.environ.get("CELLS", "8b@24,4b@24,0.6b@24").split(",") if c]
+    anchors = [a for a in os.environ.get("ANCHORS", "0.6b").split(",") if a]
+    for shape in sorted({c.split("@")[0] for c in cells} | set(anchors)):
+        if shape != "0.6b" and not Path(model_dir(shape), "config.json").exists():
+            started = time.perf_counter()
+            build_shape(shape)
+            results["builds"][shape] = round(time.perf_counter() - started, 1)
     server, aws = start_local_s3()
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="bench")
-    learnable = learnable_rows(Path(DATA))
-    s3.put_object(Bucket="bench", Key="data/learnable.jsonl", Body=learnable.encode())
-    rows = int(os.environ.get("FULL_ROWS", "800"))
-    s3.put_object(Bucket="bench", Key="data/learnable-small.jsonl", Body="".join(learnable.splitlines(True)[:rows]).encode())
-    anchors = [a for a in os.environ.get("ANCHORS", "0.6b").split(",") if a]
-    results["anchor"].append(anchor(out, anchors[0], os.environ.get("ANCHOR_STEPS", "15")))
-    print("anchor", json.dumps(results["anchor"][-1]), flush=True)
-    steps = os.environ.get("STEPS", "12")
-    full = os.environ.get("FULL")
-    if full:
-        shape, free = full.split("@")
-        entry = job_run(out, f"full-{shape}-{free}", shape, float(free),
-                        {"QLORA_DATASET_URI": "s3://bench/data/learnable-small.jsonl", "QLORA_TRAIN__EPOCHS": os.environ.get("EPOCHS", "3")}, aws)
-        results["full"] = entry
-    for shape in anchors[1:]:
+    s3.put_object(Bucket="bench", Key="data/learnable.jsonl", Body=learnable_rows(Path(DATA)).encode())
+    for shape in anchors:
         if left() < 100:
             results["anchor"].append({"shape": shape, "skipped": "budget"})
             continue
         results["anchor"].append(anchor(out, shape, os.environ.get("ANCHOR_STEPS", "15")))
         print("anchor", json.dumps(results["anchor"][-1]), flush=True)
-    cells = os.environ.get("MATRIX", "8b@24,4b@24,0.6b@24,8b@48,8b@78").split(",")
-    for cell in filter(None, cells):
-        shape, free = cell.split("@")
+    for cell in cells:
+        where, _, length = cell.partition(":")
+        shape, free = where.split("@")
         if left() < 70:
-            results["matrix"].append({"model": shape, "free_gib": float(free), "skipped": "budget"})
+            results["matrix"].append({"model": shape, "free_gib": float(free), "length": length, "skipped": "budget"})
             continue
-        results["matrix"].append(job_run(out, f"m-{shape}-{free}", shape, float(free), {"QLORA_TRAIN__MAX_STEPS": steps}, aws))
+        settings = ({} if length == "full" else {"QLORA_TRAIN__EPOCHS": length[1:]} if length.startswith("e")
+                    else {"QLORA_TRAIN__MAX_STEPS": os.environ.get("STEPS", "12")})
+        name = f"m-{shape}-{free}-{length or 'steps'}"
+        results["matrix"].append(job_run(out, name, shape, float(free), settings, aws, to_the_end=length == "full"))
     server.stop()
     return results
 

@@ -79,7 +79,7 @@ def rows_per_step(env: dict, train_path: Path, model: str) -> int:
     try:
         settings = Settings()
         report = validate_dataset(train_path, Path(env["QLORA_WORK_DIR"]))
-        dataset, mean_row_tokens = load_train_dataset(report, AutoTokenizer.from_pretrained(model), settings)
+        dataset, mean_row_tokens, _ = load_train_dataset(report, AutoTokenizer.from_pretrained(model), settings)
         return batch_plan(settings, mean_row_tokens, 1, len(dataset)).rows_per_step
     finally:
         os.environ.clear()

@@ -162,15 +162,19 @@ LORA_BYTES = 16  # fp32 weight, gradient and two Adam moments per LoRA parameter
 # Without checkpointing every layer's MLP activations stay (9 bytes a unit); Unsloth's offloaded checkpointing keeps
 # about one layer's and sends the rest to host memory.
 ACTIVATIONS = {False: (1.05e9, 9.09, 0.0, 3.05), True: (1.0e8, 0.379, 14.2, 0.197)}
-# Per-block CUDA graphs keep each recorded shape's buffers in a private pool: about one decoder block's activations
-# without checkpointing, for each of up to CUDA_GRAPH_SHAPES shapes. 0.7 fits the pools seen so far (bench/RESULTS.md,
-# "Memory model": 0.6B ~9.4 GiB over a 3-epoch run); not yet measured apart from the rest of a run.
-GRAPH_POOL_SHARE = 0.7
+# Per-block CUDA graphs keep each recorded shape's buffers in private pools. Without checkpointing those are the
+# activations a step keeps anyway, plus about one decoder block's worth; with it, the pools keep most of what
+# checkpointing would have freed: 0.74 of every block's activations (runs 30-32 and issue 30's 0.6B at 24 GiB,
+# bench/RESULTS.md). Blocks' activations = layers x tokens x 9.09 x intermediate, the no-checkpointing term above.
+GRAPH_POOL_BLOCKS = {False: 1.0, True: 0.74}  # with checkpointing: a share of all layers, not a count of blocks
 HEADROOM = (0.85, 0.5)  # plan within 85% of the free memory less 0.5 GiB: allocator fragmentation, CUDA context
 # A step's host cost (Python, kernel launches) and the share of the card's dense bf16 peak a step reaches,
 # fitted on the same probes: step = 0.092 s + tokens x FLOPs a token / (0.52 x peak).
 HOST_SECONDS_PER_STEP = 0.092
 FLOPS_EFFICIENCY = 0.52
+TIME_MODEL_MIN_TOKENS = 4096  # the smallest micro-batch those probes timed
+# Replaying recorded kernels leaves about 0.3 of a step's host cost (run 30: 0.273 s -> 0.150 s a step at 0.6B).
+GRAPHS_HOST_SHARE = 0.3
 # Cards batch clusters hand out: memory as CUDA reports it (GiB; the datasheets' 80, 141, 40, 48 and 24 GB) and
 # dense bf16 tensor FLOP/s without sparsity, from NVIDIA's datasheets. The A10G (AWS) has no datasheet of its own:
 # the A10's 125 TFLOP/s.
@@ -234,19 +238,20 @@ def estimated_peak_gib(shape: ModelShape, micro_batch_tokens: int, checkpointing
     per_token = per_layer_unit * shape.layers * shape.intermediate + per_hidden * shape.hidden + per_vocab * shape.vocab
     total = weights + shape.lora_params(lora_r) * LORA_BYTES + fixed + micro_batch_tokens * per_token
     if cuda_graphs:
-        total += graph_pool_bytes(shape, micro_batch_tokens)
+        total += graph_pool_bytes(shape, micro_batch_tokens, checkpointing)
     return total / GiB
 
 
-def graph_pool_bytes(shape: ModelShape, micro_batch_tokens: int) -> float:
+def graph_pool_bytes(shape: ModelShape, micro_batch_tokens: int, checkpointing: bool) -> float:
     """The graph pools of a run whose largest micro-batch holds this many tokens."""
     per_block = micro_batch_tokens * ACTIVATIONS[False][1] * shape.intermediate
-    return GRAPH_POOL_SHARE * CUDA_GRAPH_SHAPES * per_block
+    return GRAPH_POOL_BLOCKS[checkpointing] * (shape.layers if checkpointing else 1) * per_block
 
 
-def estimated_step_seconds(shape: ModelShape, tokens: float, checkpointing: bool, flops: float) -> float:
+def estimated_step_seconds(shape: ModelShape, tokens: float, checkpointing: bool, flops: float, cuda_graphs: bool = False) -> float:
     """One optimizer step of this many tokens on a card of `flops` dense bf16 FLOP/s."""
-    return HOST_SECONDS_PER_STEP + tokens * shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops)
+    host = HOST_SECONDS_PER_STEP * (GRAPHS_HOST_SHARE if cuda_graphs else 1)
+    return host + tokens * shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops)
 
 
 def estimated_train_seconds(shape: ModelShape, steps: int, micro_batches_per_step: int, tokens: float, checkpointing: bool,
@@ -284,6 +289,13 @@ class MemoryFit:
     budget_gib: float
     host_bound: bool
     step_seconds: float  # estimated for a step of the largest micro-batches
+    card: str = "H100"
+    seconds_per_token: float = 0.0  # the time model's GPU seconds a token, for this model, recipe and card
+    host_seconds: float = HOST_SECONDS_PER_STEP  # its host seconds a micro-batch (less with graphs)
+
+    def train_seconds(self, micro_batches: int, tokens: float) -> float:
+        """The time model's training seconds for this many micro-batches holding this many tokens in all."""
+        return round(micro_batches * self.host_seconds + tokens * self.seconds_per_token, 1)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -291,12 +303,12 @@ class MemoryFit:
 
 def fit_to_card(plan: BatchPlan, shape: ModelShape, row_tokens: int, free_gib: float, flops: float, *,
                 checkpointing: bool | None = None, cuda_graphs: bool | None = None, per_device_fixed: bool = False,
-                lora_r: int = 16, load_in_4bit: bool = True) -> tuple[BatchPlan, MemoryFit]:
-    """The batch plan made to fit the free memory: the first of (no checkpointing, checkpointing) whose estimate
-    fits, at the most rows a micro-batch, else fewer rows a micro-batch and more of them a step (the rows a step and
-    the learning rate stay). CUDA graphs stay on only where the plan allows them, the step is host-bound and their
-    pools fit too. `checkpointing` and `cuda_graphs` None: chosen here; True or False: as set (the settings win).
-    `row_tokens`: the longest row, padded."""
+                lora_r: int = 16, load_in_4bit: bool = True, card_name: str = "H100") -> tuple[BatchPlan, MemoryFit]:
+    """The batch plan made to fit the free memory: of the (rows a micro-batch, checkpointing, CUDA graphs) choices
+    whose estimate fits, the one the time model says is fastest a step (fewer rows a micro-batch means more of them a
+    step: the rows a step and the learning rate stay); nothing fits: the smallest. Graphs are a choice only where the
+    plan allows them and the step is host-bound. `checkpointing` and `cuda_graphs` None: chosen here; True or False:
+    as set (the settings win). `row_tokens`: the longest row, padded."""
     budget = free_gib * HEADROOM[0] - HEADROOM[1]
     choices = [False, True] if checkpointing is None else [checkpointing]
     rows_options = [plan.per_device_batch_size] if per_device_fixed else [
@@ -305,17 +317,28 @@ def fit_to_card(plan: BatchPlan, shape: ModelShape, row_tokens: int, free_gib: f
     def peak(rows: int, ckpt: bool, graphs: bool = False) -> float:
         return estimated_peak_gib(shape, rows * row_tokens, ckpt, cuda_graphs=graphs, load_in_4bit=load_in_4bit, lora_r=lora_r)
 
-    rows, ckpt = next(((r, c) for r in rows_options for c in choices if peak(r, c) <= budget), (rows_options[-1], choices[-1]))
+    def step_seconds(rows: int, ckpt: bool, graphs: bool) -> float:
+        return plan.per_device_batch_size // rows * estimated_step_seconds(shape, rows * row_tokens, ckpt, flops, graphs)
+
+    # Options: rows a micro-batch x checkpointing x graphs (only where allowed, the step is the host's and the pools fit)
+    graph_choices = [cuda_graphs] if cuda_graphs is not None else [False, True] if plan.cuda_graphs else [False]
+    fitting = [(r, c, g) for r in rows_options for c in choices for g in graph_choices if peak(r, c, g) <= budget
+               and (not g or cuda_graphs or host_bound(shape, r * row_tokens, flops))]
+    # Below the micro-batches the time model was fitted on its figures are guesses: those are a last resort.
+    measured = [o for o in fitting if o[0] * row_tokens >= TIME_MODEL_MIN_TOKENS or o[0] == plan.per_device_batch_size]
+    rows, ckpt, graphs = (min(measured, key=lambda o: (step_seconds(*o), -o[0])) if measured else fitting[0] if fitting
+                          else (rows_options[-1], choices[-1], graph_choices[0]))
     tokens = rows * row_tokens
     bound = host_bound(shape, tokens, flops)
-    graphs = cuda_graphs if cuda_graphs is not None else plan.cuda_graphs and bound and peak(rows, ckpt, True) <= budget
     accumulation = plan.gradient_accumulation_steps * plan.per_device_batch_size // rows
     fitted = replace(plan, per_device_batch_size=rows, gradient_accumulation_steps=accumulation, cuda_graphs=graphs,
                      pad_to_multiple_of=plan.pad_to_multiple_of if graphs or plan.pad_to_multiple_of != CUDA_GRAPHS_PAD_MULTIPLE
                      else CUDA_PAD_MULTIPLE)
     return fitted, MemoryFit(micro_batch_tokens=tokens, gradient_checkpointing=ckpt, cuda_graphs=graphs,
                              peak_gpu_memory_gib=round(peak(rows, ckpt, graphs), 2), budget_gib=round(budget, 2), host_bound=bound,
-                             step_seconds=round(accumulation * estimated_step_seconds(shape, tokens, ckpt, flops), 3))
+                             step_seconds=round(accumulation * estimated_step_seconds(shape, tokens, ckpt, flops, graphs), 3),
+                             card=card_name, seconds_per_token=shape.flops_per_token(ckpt) / (FLOPS_EFFICIENCY * flops),
+                             host_seconds=HOST_SECONDS_PER_STEP * (GRAPHS_HOST_SHARE if graphs else 1))
 
 
 def padded(tokens: int, multiple: int | None, max_length: int) -> int:

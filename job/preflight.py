@@ -78,7 +78,7 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer,
     time and memory estimates, as train.prepare and train.train would find them."""
     from job import train
 
-    examples, _, mean_tokens = train.training_rows(settings, report, eval_report, tokenizer)
+    examples, _, mean_tokens, longest = train.training_rows(settings, report, eval_report, tokenizer)
     if "format" not in examples.column_names or "messages" not in set(examples["format"]):
         epoch_tokens = round(mean_tokens * len(examples))
     else:  # a turn's row may repeat its history: measure what will be trained
@@ -89,12 +89,12 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer,
     gpu, card_gib, flops = planning.card(settings.plan.gpu)
     free_gib = card_gib - planning.CUDA_CONTEXT_GIB
     row = settings.model.max_seq_length if batch.packing else planning.padded(
-        report.longest_row_tokens, batch.pad_to_multiple_of, settings.model.max_seq_length)
+        longest, batch.pad_to_multiple_of, settings.model.max_seq_length)
     choice, train = settings.lora.gradient_checkpointing, settings.train
     if train.recipe == "fast" and world == 1:
         batch, fit = planning.fit_to_card(batch, shape, row, free_gib, flops, checkpointing=None if choice == "auto" else choice != "false",
                                           cuda_graphs=train.cuda_graphs, per_device_fixed=train.per_device_batch_size is not None,
-                                          lora_r=settings.lora.r, load_in_4bit=settings.model.load_in_4bit)
+                                          lora_r=settings.lora.r, load_in_4bit=settings.model.load_in_4bit, card_name=gpu)
         checkpointing, micro_batch_tokens, peak = fit.gradient_checkpointing, fit.micro_batch_tokens, fit.peak_gpu_memory_gib
     else:  # the seed recipe as written (offloaded checkpointing), or several processes: planned as set
         checkpointing = choice != "false" if choice != "auto" else train.recipe == "seed"

@@ -46,6 +46,7 @@ class TrainSpec:
     metrics_path: Path  # a worker's rank 0 writes its TrainMetrics here
     errors_dir: Path  # each worker's one-line cause and exit code, read back by the launching process
     init_adapter: Path | None = None  # a warm start's parent adapter (warmstart.fetch_parent), loaded unless resuming
+    longest_row_tokens: int = 0  # sizes the largest micro-batch (plan.fit_to_card); 0: max_seq_length
 
     def to_json(self) -> str:
         values = {k: str(v) if isinstance(v, Path) else v for k, v in self.__dict__.items() if k != "settings"}
@@ -95,6 +96,7 @@ class TrainMetrics:
     stopped_early: bool = False  # early stopping ended training before its planned steps
     first_step_at_s: float | None = None  # seconds from this process's start to the end of its first optimizer step
     memory_fit: dict | None = None  # plan.MemoryFit: what the run chose for its card, with the estimated peak
+    estimated_train_seconds: float | None = None  # the time model's figure for the steps and tokens trained (GPU runs)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -229,7 +231,7 @@ def expand_turns(dataset, train_turns: str):
 
 def load_train_dataset(report: DataReport, tokenizer, settings: Settings):
     """The report's accepted rows as a datasets.Dataset, over-length rows rejected into the report (or
-    kept for truncation). Returns (dataset, mean tokens a row)."""
+    kept for truncation). Returns (dataset, mean tokens a row, the longest kept row's tokens)."""
     from datasets import load_dataset
 
     cache = report.train_path.parent / "hf-datasets"
@@ -241,8 +243,10 @@ def load_train_dataset(report: DataReport, tokenizer, settings: Settings):
     report.truncated += overlength.truncated
     report.tokens, report.longest_row_tokens = overlength.tokens, overlength.longest
     report.overlength_rows = len(overlength.rejects) + overlength.truncated
-    mean_tokens = round(sum(dataset["n_tokens"]) / len(dataset), 1) if len(dataset) else 0.0
-    return dataset.remove_columns([c for c in ("line", "n_tokens", "shard") if c in dataset.column_names]), mean_tokens
+    lengths = dataset["n_tokens"]
+    mean_tokens = round(sum(lengths) / len(lengths), 1) if lengths else 0.0
+    columns = [c for c in ("line", "n_tokens", "shard") if c in dataset.column_names]
+    return dataset.remove_columns(columns), mean_tokens, max(lengths, default=0)
 
 
 def mix_sources(dataset, weights: list[float], seed: int):
@@ -281,19 +285,20 @@ def split_eval(dataset, fraction: float, seed: int):
 def training_rows(settings: Settings, report: DataReport, eval_report: DataReport | None, tokenizer):
     """The validated rows as training sees them (train.prepare, and `qlora-job plan`'s sizing): measured, over-length
     rows rejected into the report (or kept), the eval rows held out (or the separate eval set loaded), the sources
-    weighted, one row per trained turn. Returns (train rows, eval rows or None, mean tokens a row before expanding)."""
+    weighted, one row per trained turn. Returns (train rows, eval rows or None, mean tokens a row before expanding, the
+    longest row's tokens: expanding and weighting make no row longer)."""
     from job import data
 
-    dataset, mean_row_tokens = load_train_dataset(report, tokenizer, settings)
+    dataset, mean_row_tokens, longest_row_tokens = load_train_dataset(report, tokenizer, settings)
     data.check_report(report, settings.data.max_reject_ratio)
     if eval_report is not None:
-        eval_dataset, _ = load_train_dataset(eval_report, tokenizer, settings)
+        eval_dataset, _, _ = load_train_dataset(eval_report, tokenizer, settings)
     else:
         dataset, eval_dataset = split_eval(dataset, settings.eval.fraction, settings.train.seed)
     dataset = expand_turns(mix_sources(dataset, report.weights, settings.train.seed), settings.data.train_turns)
     if eval_dataset is not None:  # held out whole conversations before expanding: no turn of one is trained on
         eval_dataset = expand_turns(eval_dataset, settings.data.train_turns)
-    return dataset, eval_dataset, mean_row_tokens
+    return dataset, eval_dataset, mean_row_tokens, longest_row_tokens
 
 
 def prepare(settings: Settings, engine_name: str, source: str, report: DataReport, eval_report: DataReport | None,
@@ -302,7 +307,8 @@ def prepare(settings: Settings, engine_name: str, source: str, report: DataRepor
     eval rows, find a checkpoint to resume, and write the datasets where every training process reads them."""
     from job import engine
 
-    dataset, eval_dataset, mean_row_tokens = training_rows(settings, report, eval_report, engine.load_tokenizer(settings, source))
+    dataset, eval_dataset, mean_row_tokens, longest_row_tokens = training_rows(settings, report, eval_report,
+                                                                               engine.load_tokenizer(settings, source))
     for rows, folder in ((dataset, "train-dataset"), (eval_dataset, "eval-dataset")):
         if rows is not None:  # the sampling columns stay behind: the trainer reads prompt and completion
             rows.remove_columns([c for c in ("source", "format") if c in rows.column_names]).save_to_disk(str(work / folder))
@@ -312,7 +318,7 @@ def prepare(settings: Settings, engine_name: str, source: str, report: DataRepor
     return TrainSpec(
         settings=settings, engine=engine_name, model_source=source, train_dataset=work / "train-dataset",
         eval_dataset=work / "eval-dataset" if eval_dataset is not None else None, mean_row_tokens=mean_row_tokens,
-        adapter_dir=out / "adapter", checkpoint_dir=work / "checkpoints", run_id=run_id, run_uri=run_uri,
+        longest_row_tokens=longest_row_tokens, adapter_dir=out / "adapter", checkpoint_dir=work / "checkpoints", run_id=run_id, run_uri=run_uri,
         resume_from=checkpoint.fetch_latest_checkpoint(run_uri, work), metrics_path=work / "worker-metrics.json",
         errors_dir=work / "worker-errors", init_adapter=init_adapter,
     )
@@ -335,7 +341,9 @@ def run_training(spec: TrainSpec, push) -> TrainMetrics | None:
         metrics = TrainMetrics(**json.loads(spec.metrics_path.read_text(encoding="utf-8")))
     log.info("training finished", steps=metrics.steps, loss_first=metrics.loss_first, loss_last=metrics.loss_last,
              eval_loss_before=metrics.eval_loss_before, eval_loss_after=metrics.eval_loss_after,
-             steady_tokens_per_s=metrics.steady_tokens_per_second, peak_gpu_memory_gib=metrics.peak_gpu_memory_gib)
+             steady_tokens_per_s=metrics.steady_tokens_per_second, peak_gpu_memory_gib=metrics.peak_gpu_memory_gib,
+             train_seconds=metrics.train_seconds, estimated_train_seconds=metrics.estimated_train_seconds,
+             first_step_at_s=metrics.first_step_at_s)
     push.update(force=True, eval_loss_before=metrics.eval_loss_before, eval_loss_after=metrics.eval_loss_after)
     return metrics
 
@@ -491,7 +499,8 @@ def _step_seconds(start: float, steps: list[tuple[float, int]]) -> list[float]:
     return [round(b - a, 3) for a, b in itertools.pairwise(ends)]
 
 
-def fit_to_this_card(settings: Settings, source: str, plan: planning.BatchPlan, dataset) -> tuple[planning.BatchPlan, planning.MemoryFit]:
+def fit_to_this_card(settings: Settings, source: str, plan: planning.BatchPlan,
+                     longest_row_tokens: int) -> tuple[planning.BatchPlan, planning.MemoryFit]:
     """plan.fit_to_card for the GPU this process sees, its free memory now and the model's config (no weights):
     checkpointing, CUDA graphs and the rows a micro-batch, sized for the longest rows the data holds."""
     import torch
@@ -502,12 +511,13 @@ def fit_to_this_card(settings: Settings, source: str, plan: planning.BatchPlan, 
     config = AutoConfig.from_pretrained(source, **engine.hub_kwargs(settings))
     name, _, flops = planning.card(torch.cuda.get_device_name(0))
     free_gib = torch.cuda.mem_get_info()[0] / planning.GiB
-    longest = max(dataset["n_tokens"]) if "n_tokens" in dataset.column_names and not plan.packing else settings.model.max_seq_length
+    longest = longest_row_tokens if longest_row_tokens and not plan.packing else settings.model.max_seq_length
     choice, train = settings.lora.gradient_checkpointing, settings.train
     fitted, fit = planning.fit_to_card(
         plan, planning.ModelShape.from_config(config), planning.padded(longest, plan.pad_to_multiple_of, settings.model.max_seq_length),
         free_gib, flops, checkpointing=None if choice == "auto" else choice != "false", cuda_graphs=train.cuda_graphs,
-        per_device_fixed=train.per_device_batch_size is not None, lora_r=settings.lora.r, load_in_4bit=settings.model.load_in_4bit)
+        per_device_fixed=train.per_device_batch_size is not None, lora_r=settings.lora.r, load_in_4bit=settings.model.load_in_4bit,
+        card_name=name)
     log.info("plan fitted to this card", card=name, free_gib=round(free_gib, 2), longest_row_tokens=longest,
              per_device_batch_size=fitted.per_device_batch_size, gradient_accumulation_steps=fitted.gradient_accumulation_steps,
              **fit.as_dict())
@@ -531,7 +541,7 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     plan = planning.batch_plan(settings, spec.mean_row_tokens, ranks.world_size, len(dataset), cuda)
     fit = None
     if cuda and ranks.world_size == 1 and settings.train.recipe == "fast":
-        plan, fit = fit_to_this_card(settings, spec.model_source, plan, dataset)
+        plan, fit = fit_to_this_card(settings, spec.model_source, plan, spec.longest_row_tokens)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=spec.mean_row_tokens, **plan.as_dict())
     if plan.cuda_graphs and spec.engine == "unsloth":  # before the model load: Unsloth reads it when imported
         engine.enable_block_cuda_graphs(planning.CUDA_GRAPH_SHAPES)
@@ -634,4 +644,5 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
         duration=length.as_dict(), epochs_trained=round(trainer.state.epoch, 4) if trainer.state.epoch is not None else None,
         eval_curve=progress.eval_curve, best=best.best if best else None, stopped_early=stopped_early,
         first_step_at_s=progress.first_step_at, memory_fit=fit.as_dict() if fit else None,
+        estimated_train_seconds=fit.train_seconds(steps * plan.gradient_accumulation_steps, tokens) if fit else None,
     )

@@ -158,19 +158,23 @@ def _fast_plan():
     return batch_plan(settings(), mean_row_tokens=573, cuda=True)
 
 
-@pytest.mark.parametrize(("shape", "gpu", "checkpointing", "graphs"), [
-    ("8b", "L4", True, False), ("8b", "A10G", True, False), ("8b", "L40S", True, False), ("8b", "H100", False, False),
-    ("4b", "L4", True, False), ("4b", "H100", False, False),
-    ("0.6b", "L4", False, False),  # 16 rows a step on an L4 are the GPU's work: graphs would only cost memory
-    ("0.6b", "H100", False, True), ("0.6b", "H200", False, True),
+@pytest.mark.parametrize(("shape", "gpu", "checkpointing", "graphs", "rows"), [
+    ("8b", "L4", True, False, 16), ("8b", "A10G", True, False, 16), ("8b", "H100", False, False, 16),
+    # 16 rows need checkpointing on a 48 GB card; 8 rows twice a step fit without it and take ~30% less time
+    # (the probes: 8B at 4-9k tokens without checkpointing ~1.6x the tokens a second of 16k with it)
+    ("8b", "L40S", False, False, 8),
+    ("4b", "L4", True, False, 16), ("4b", "H100", False, False, 16),
+    ("0.6b", "L4", False, False, 16),  # 16 rows a step on an L4 are the GPU's work: graphs would only cost memory
+    ("0.6b", "H100", False, True, 16), ("0.6b", "H200", False, True, 16),
 ])
-def test_the_fast_recipe_fits_the_card_it_runs_on(clean_env, shape, gpu, checkpointing, graphs):
+def test_the_fast_recipe_fits_the_card_it_runs_on(clean_env, shape, gpu, checkpointing, graphs, rows):
     plan = _fast_plan()
     name, free, flops = card(gpu)
     fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3[shape]), 640, free - 0.6, flops)
     assert (fit.gradient_checkpointing, fit.cuda_graphs, fitted.cuda_graphs) == (checkpointing, graphs, graphs)
     assert fit.peak_gpu_memory_gib <= fit.budget_gib < free
-    assert (fitted.rows_per_step, fitted.learning_rate, fitted.per_device_batch_size) == (16, plan.learning_rate, 16)
+    assert (fitted.rows_per_step, fitted.learning_rate, fitted.per_device_batch_size) == (16, plan.learning_rate, rows)
+    assert fitted.gradient_accumulation_steps == 16 // rows
     assert fitted.pad_to_multiple_of == (128 if graphs else 64)
 
 
@@ -186,6 +190,20 @@ def test_a_card_too_small_for_the_micro_batch_gets_fewer_rows_a_micro_batch_and_
     assert fixed.per_device_batch_size == 16 and over.peak_gpu_memory_gib > over.budget_gib
     assert fit_to_card(plan, ModelShape.from_config(QWEN3["8b"]), 640, 70.0, GPUS["H100"][1], cuda_graphs=True)[1].cuda_graphs
     assert fit_to_card(plan, ModelShape.from_config(QWEN3["0.6b"]), 640, 70.0, GPUS["H100"][1], checkpointing=True)[1].gradient_checkpointing
+
+
+def test_the_fastest_fitting_choice_is_taken_and_its_time_recorded(clean_env):
+    """Of what fits, the time model's fastest a step; micro-batches below the timed sizes only when nothing else fits."""
+    plan, shape = _fast_plan(), ModelShape.from_config(QWEN3["8b"])
+    fitted, fit = fit_to_card(plan, shape, 640, 44.4, GPUS["L40S"][1])
+    assert (fitted.per_device_batch_size, fit.gradient_checkpointing) == (8, False)
+    assert fit.step_seconds < fit_to_card(plan, shape, 640, 44.4, GPUS["L40S"][1], checkpointing=True)[1].step_seconds
+    # 2 rows of 640 without checkpointing fit in 22 GiB and the model calls them faster, but 1,280 tokens were never timed
+    fitted, fit = fit_to_card(plan, shape, 640, 22.0, GPUS["L4"][1])
+    assert (fitted.per_device_batch_size, fit.gradient_checkpointing) == (16, True)
+    # the run's time from the same model: micro-batches x host cost + tokens x GPU seconds a token
+    assert fit.train_seconds(100, 1e6) == round(100 * 0.092 + 1e6 * shape.flops_per_token(True) / (0.52 * GPUS["L4"][1]), 1)
+    assert fit.card == "H100" and fit_to_card(plan, shape, 640, 22.0, GPUS["L4"][1], card_name="L4")[1].card == "L4"
 
 
 def test_graphs_go_on_only_where_the_step_is_the_hosts():

@@ -75,7 +75,7 @@ def test_the_label_check_trains_the_end_of_turn_token(real_model, tmp_path, clea
     source.write_text(json.dumps({"instruction": "What does ISAC stand for?", "output": "Integrated sensing and communication."}) + "\n")
     report = validate_dataset(source, tmp_path)
     tokenizer = AutoTokenizer.from_pretrained(real_model)
-    dataset, _ = load_train_dataset(report, tokenizer, settings)
+    dataset, _, _ = load_train_dataset(report, tokenizer, settings)
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(real_model), LoraConfig(r=4, target_modules=["q_proj"]))
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, args=sft_config(settings, tmp_path / "c", cuda=False))
     row = trainer.train_dataset[0]

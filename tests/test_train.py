@@ -34,7 +34,7 @@ def test_prompt_is_masked_and_answer_with_end_of_turn_is_trained(kind, tmp_path,
     source = tmp_path / "d.jsonl"
     source.write_text(json.dumps(ROWS[kind]) + "\n")
     report = validate_dataset(source, tmp_path)
-    dataset, _ = load_train_dataset(report, tiny_tokenizer, settings)
+    dataset, _, _ = load_train_dataset(report, tiny_tokenizer, settings)
     assert report.rejected == 0
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
     trainer = SFTTrainer(model=model, processing_class=tiny_tokenizer, train_dataset=dataset,
@@ -65,7 +65,7 @@ def _trained_rows(rows, tmp_path, tiny_model, tiny_tokenizer, settings):
     from job.train import check_labels, expand_turns, load_train_dataset, sft_config
 
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
-    dataset, _ = load_train_dataset(validate_dataset(tmp_path / "d.jsonl", tmp_path), tiny_tokenizer, settings)
+    dataset, _, _ = load_train_dataset(validate_dataset(tmp_path / "d.jsonl", tmp_path), tiny_tokenizer, settings)
     dataset = expand_turns(dataset, settings.data.train_turns).remove_columns(["source", "format"])
     model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
     trainer = SFTTrainer(model=model, processing_class=tiny_tokenizer, train_dataset=dataset,
@@ -110,14 +110,14 @@ def test_overlength_rows_are_rejected_with_their_line_or_kept_for_truncation(tmp
                       + json.dumps({"instruction": "long " * 200, "output": "too long"}) + "\n")
     report = validate_dataset(source, tmp_path)
     settings.model.max_seq_length = 64
-    dataset, _ = load_train_dataset(report, tiny_tokenizer, settings)
+    dataset, _, _ = load_train_dataset(report, tiny_tokenizer, settings)
     assert (len(dataset), report.accepted, report.rejected, report.truncated) == (1, 1, 1, 0)
     reject = json.loads(report.rejects_path.read_text().splitlines()[-1])
     assert reject["line"] == 2 and "longer than QLORA_MODEL__MAX_SEQ_LENGTH=64" in reject["reason"]
 
     settings.data.overlength = "truncate"
     report = validate_dataset(source, tmp_path / "again")
-    dataset, _ = load_train_dataset(report, tiny_tokenizer, settings)
+    dataset, _, _ = load_train_dataset(report, tiny_tokenizer, settings)
     assert (len(dataset), report.accepted, report.rejected, report.truncated) == (2, 2, 0, 1)
 
 
