@@ -99,8 +99,9 @@ def assert_restricted(spec: dict) -> None:
         assert sc["capabilities"]["drop"] == ["ALL"] and not sc["capabilities"].get("add")
         assert sc["readOnlyRootFilesystem"] is True
         assert not any(p.get("hostPort") for p in container.get("ports", []))
-    mounts = {m["mountPath"] for m in spec["containers"][0]["volumeMounts"]}
-    assert mounts == {"/tmp", "/dev/shm"}
+    mounts = {m["mountPath"]: m for m in spec["containers"][0]["volumeMounts"]}
+    assert {"/tmp", "/dev/shm"} <= set(mounts)
+    assert all(m.get("readOnly") for path, m in mounts.items() if path not in ("/tmp", "/dev/shm")), "extra mounts are read-only"
     shm = next(v for v in spec["volumes"] if v["name"] == "dshm")
     assert shm["emptyDir"]["medium"] == "Memory"
 
@@ -210,7 +211,8 @@ def test_the_plan_hook_runs_before_the_gpu_job_on_a_cpu_node_with_the_runs_setti
     assert container["args"] == ["plan"] and hook["spec"]["backoffLimit"] == 0
     assert "nvidia.com/gpu" not in json.dumps(container["resources"]) and spec["nodeSelector"] == {"node-pool": "cpu"}
     assert not spec.get("tolerations"), "the GPU taint toleration is the run's, not the plan's"
-    assert container["env"] == run["containers"][0]["env"], "the plan sees exactly the run's settings"
+    plan_env = [e for e in container["env"] if e["name"] != "NVIDIA_VISIBLE_DEVICES"]
+    assert plan_env == [e for e in run["containers"][0]["env"] if e["name"] != "QLORA_REQUIRE_GPU"], "the plan sees the run's settings"
     assert spec["serviceAccountName"] == run["serviceAccountName"]
     assert_restricted(spec)
     # The account exists before the hook: it is a hook itself, created first.
@@ -339,3 +341,146 @@ def test_notes_and_readme_give_the_whole_exit_code_table():
     for code, (retry, _) in EXIT_CODES.items():
         if int(code):
             assert rows[int(code)].startswith("yes" if retry else "no"), (code, rows[int(code)])
+
+
+# Cluster details a platform team hits next (issue 33): each test below fails on the chart before it.
+def _hook(docs: list[dict]) -> dict:
+    return next(d for d in docs if d["kind"] == "Job" and "helm.sh/hook" in d["metadata"].get("annotations", {}))
+
+
+def test_the_hook_fits_helms_default_timeout_and_takes_the_runs_pod_settings():
+    """Helm waits --timeout (5m) for a hook Job; the plan pod gets the run pod's pod-level settings."""
+    assert _hook(render("-f", str(CHART / "ci" / "preflight-values.yaml")))["spec"]["activeDeadlineSeconds"] < 300
+    assert "--timeout 31m" in (CHART / "README.md").read_text() and "activeDeadlineSeconds=1800" in (CHART / "README.md").read_text()
+    affinity = {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {"nodeSelectorTerms": [
+        {"matchExpressions": [{"key": "team", "operator": "In", "values": ["ml"]}]}]}}}
+    docs = render("-f", str(CHART / "ci" / "preflight-values.yaml"), "--set", "podAnnotations.example\\.com/owner=ml",
+                  "--set", "podLabels.team=ml", "--set", "priorityClassName=batch-low", "--set", "runtimeClassName=nvidia",
+                  "--set-json", f"affinity={json.dumps(affinity)}")
+    hook, run = _hook(docs)["spec"]["template"], next(d for d in docs if d["kind"] == "Job" and d is not _hook(docs))
+    spec = hook["spec"]
+    assert hook["metadata"]["annotations"]["example.com/owner"] == "ml" and hook["metadata"]["labels"]["team"] == "ml"
+    assert (spec["priorityClassName"], spec["runtimeClassName"], spec["affinity"]) == ("batch-low", "nvidia", affinity)
+    # Mesh sidecars never hold a Job open; only the training pod asks autoscalers to leave it be.
+    assert hook["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert "karpenter.sh/do-not-disrupt" not in hook["metadata"]["annotations"]
+    assert run["spec"]["template"]["metadata"]["annotations"]["karpenter.sh/do-not-disrupt"] == "true"
+    # Own values win: no affinity and the default runtime for a CPU plan beside a GPU run.
+    spec = _hook(render("-f", str(CHART / "ci" / "preflight-values.yaml"), "--set", "runtimeClassName=nvidia",
+                        "--set-json", f"affinity={json.dumps(affinity)}", "--set-json", "preflight.affinity={}",
+                        "--set", "preflight.runtimeClassName="))["spec"]["template"]["spec"]
+    assert "affinity" not in spec and "runtimeClassName" not in spec
+
+
+@pytest.mark.parametrize("args", [(), ("--set", "podFailurePolicy.enabled=false"), ("--set", "schedule=0 3 * * 1")])
+def test_a_replacement_pod_never_starts_while_the_old_one_checkpoints(args):
+    """Without it, podFailurePolicy off means TerminatingOrFailed: a second GPU pod during the 300 s grace."""
+    docs = render(*MINIMAL, "--set", "preflight.enabled=true", *args)
+    assert job_spec(docs)["podReplacementPolicy"] == "Failed"
+    assert _hook(docs)["spec"]["podReplacementPolicy"] == "Failed"
+
+
+def test_the_training_pod_asks_autoscalers_not_to_consolidate_it_and_the_user_can_say_otherwise():
+    annotations = job_spec(render(*MINIMAL))["template"]["metadata"]["annotations"]
+    assert annotations["karpenter.sh/do-not-disrupt"] == "true"
+    assert annotations["cluster-autoscaler.kubernetes.io/safe-to-evict"] == "false"
+    own = job_spec(render(*MINIMAL, "--set-string", "podAnnotations.karpenter\\.sh/do-not-disrupt=false"))["template"]["metadata"]["annotations"]
+    assert own["karpenter.sh/do-not-disrupt"] == "false"
+    off = job_spec(render(*MINIMAL, "--set", "disruption.protect=false", "--set", "disableSidecarInjection=false"))["template"]
+    assert "annotations" not in off["metadata"]
+    values = (CHART / "values.yaml").read_text()
+    assert "node-pressure evictions" in values and "DisruptionTarget" in values
+
+
+@pytest.mark.parametrize(("args", "limits"), [
+    ((), {"nvidia.com/gpu": 1}),
+    (("--set", "gpuResourceName=nvidia.com/mig-3g.40gb"), {"nvidia.com/mig-3g.40gb": 1}),
+    (("--set", "resources.limits.nvidia\\.com/mig-1g\\.10gb=1"), {"nvidia.com/mig-1g.10gb": 1}),
+    (("--set", "gpus=1", "--set", "resources.limits.nvidia\\.com/gpu=2"), {"nvidia.com/gpu": 2}),
+])
+def test_a_gpu_limit_never_stacks_with_the_users_own(args, limits):
+    container = pod_spec(render(*MINIMAL, *args))["containers"][0]
+    assert {k: v for k, v in container["resources"]["limits"].items() if k.startswith("nvidia.com/")} == limits
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["QLORA_REQUIRE_GPU"] == "true" and "NVIDIA_VISIBLE_DEVICES" not in env
+
+
+def test_pods_that_ask_for_no_gpu_see_none():
+    """The image bakes NVIDIA_VISIBLE_DEVICES=all: a runtime that honours it would hand every GPU to a CPU pod."""
+    docs = render(*MINIMAL, "--set", "gpus=0", "--set", "preflight.enabled=true")
+    for container in (pod_spec(docs)["containers"][0], _hook(docs)["spec"]["template"]["spec"]["containers"][0]):
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        assert env["NVIDIA_VISIBLE_DEVICES"] == "void" and "QLORA_REQUIRE_GPU" not in env
+    hook = _hook(render(*MINIMAL, "--set", "preflight.enabled=true"))["spec"]["template"]["spec"]["containers"][0]
+    assert {"name": "NVIDIA_VISIBLE_DEVICES", "value": "void"} in hook["env"], "the plan hook never has a GPU"
+
+
+@pytest.mark.parametrize("schedule", [(), ("--set", "schedule=0 3 * * 1")])
+def test_extension_points_reach_the_job_and_the_pods(schedule):
+    docs = render("-f", str(CHART / "ci" / "extensions-values.yaml"), *schedule)
+    job = next(d for d in docs if d["kind"] in ("Job", "CronJob") and "helm.sh/hook" not in d["metadata"].get("annotations", {}))
+    meta = job["spec"]["jobTemplate"]["metadata"] if job["kind"] == "CronJob" else job["metadata"]
+    assert meta["labels"]["kueue.x-k8s.io/priority-class"] == "batch-low" and meta["labels"]["kueue.x-k8s.io/max-exec-time-seconds"] == "21600"
+    assert meta["annotations"]["team.example.com/cost-center"] == "ml-platform"
+    pod = pod_spec(docs)
+    assert "kueue.x-k8s.io/priority-class" not in job_spec(docs)["template"]["metadata"]["labels"], "Kueue reads the Job's"
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    hook = _hook(docs)["spec"]["template"]["spec"]
+    for spec in (pod, hook):  # the CA bundle reaches S3 calls in the plan as in the run
+        container = spec["containers"][0]
+        env = {e["name"]: e.get("value") for e in container["env"]}
+        mount = next(m for m in container["volumeMounts"] if m["name"] == "ca-bundle")
+        assert env["AWS_CA_BUNDLE"].startswith(mount["mountPath"] + "/")
+        assert next(v for v in spec["volumes"] if v["name"] == "ca-bundle")["configMap"]["name"] == "internal-ca"
+    assert pod["containers"][0]["resources"]["limits"] == {"memory": "48Gi", "nvidia.com/mig-3g.40gb": 1}
+
+
+@pytest.mark.parametrize(("env", "message"), [
+    ('[{"name": "X", "value": 1}]', "value"),
+    ('[{"value": "x"}]', "name"),
+    ('[{"name": "X", "value": "a", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]', "env"),
+    ('[{"name": "X", "vaule": "a"}]', "vaule"),
+])
+def test_env_items_are_checked_by_the_schema(env, message):
+    """`--set env[0].value=1` rendered a number the API rejects; a nameless entry crashed the template."""
+    result = helm("template", "run-1", str(CHART), *MINIMAL, "--set-json", f"env={env}", check=False)
+    assert result.returncode != 0 and "values don't meet the specifications" in result.stderr and message in result.stderr, result.stderr
+
+
+def test_notes_name_jobs_kubernetes_accepts_and_wait_ends_on_failure():
+    long = "support-bot-nightly-retraining-for-korean-helpdesk-26"  # 53: the longest release name Helm takes
+    assert len(long) == 53
+    for args in (("--set", "schedule=0 3 * * 1"), ()):
+        notes = helm("install", "--dry-run=client", long, str(CHART), *MINIMAL, *args).stdout.split("NOTES:", 1)[1]
+        for line in notes.splitlines():
+            if "create job --from=cronjob/" in line:
+                name = line.split()[-1].replace("$(date +%s)", "1767225600")
+                assert len(name) <= 63, name
+        if not args:
+            assert "--for=condition=Failed" in notes and "--for=condition=Complete" in notes
+
+
+def test_the_iam_example_lets_the_job_list_every_prefix_it_reads():
+    """A dataset given as a prefix needs s3:ListBucket on its bucket (S3 answers 403 without it)."""
+    readme = (CHART / "README.md").read_text()
+    policy = json.loads(readme.split("## Least-privilege bucket access", 1)[1].split("```json\n", 1)[1].split("```", 1)[0])
+    listed = {s["Resource"].split(":::")[1]: s["Condition"]["StringLike"]["s3:prefix"] for s in policy["Statement"]
+              if s["Action"] == ["s3:ListBucket"]}
+    for statement in policy["Statement"]:
+        if statement["Action"] == ["s3:GetObject"]:
+            for resource in statement["Resource"]:
+                bucket, prefix = resource.split(":::")[1].split("/", 1)
+                assert prefix in listed.get(bucket, []), (bucket, prefix, listed)
+
+
+def test_openshift_runs_without_the_fixed_ids():
+    """restricted-v2 assigns the uid from the namespace's range and rejects a fixed one: the override unsets them."""
+    import kubernetes_validate
+
+    docs = render(*MINIMAL, "--set", "podSecurityContext.runAsUser=null", "--set", "podSecurityContext.runAsGroup=null",
+                  "--set", "podSecurityContext.fsGroup=null")
+    context = pod_spec(docs)["securityContext"]
+    assert context == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    for doc in docs:
+        kubernetes_validate.validate(doc, KUBERNETES_VERSIONS[-1], strict=True)
+    assert "podSecurityContext.runAsUser=null" in (CHART / "README.md").read_text()

@@ -45,8 +45,12 @@ def test_overlays_build_valid_manifests_with_a_per_run_job_name(overlay, version
     assert "eks.amazonaws.com/role-arn" in sa["metadata"]["annotations"]
     # Nothing replaces a Job in place (Replace=true cannot: argo-cd#9163), and no TTL deletes a finished
     # run for the GitOps controller to create again (argo-cd#8586).
-    assert "argocd.argoproj.io/sync-options" not in job["metadata"].get("annotations", {})
+    annotations = job["metadata"].get("annotations", {})
+    assert "Replace=true" not in annotations.get("argocd.argoproj.io/sync-options", "")
     assert "ttlSecondsAfterFinished" not in job["spec"]
+    # Renaming the Job for the next run never prunes one that is still training (issue 33).
+    assert {"argocd": ("argocd.argoproj.io/sync-options", "Prune=false"),
+            "flux": ("kustomize.toolkit.fluxcd.io/prune", "disabled")}[overlay] in annotations.items()
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
@@ -106,6 +110,85 @@ def test_kubeflow_trainjob_runs_the_job_under_tini_with_shm_a_service_account_an
     names = {e["name"] for e in pod_spec["containers"][0]["env"]}
     assert names <= set(env_names()), names - set(env_names())
     assert {"QLORA_DATASET_URI", "QLORA_OUTPUT_URI", "QLORA_RUN_ID", "QLORA_REQUIRE_GPU"} <= names
+
+
+# Kubeflow Trainer v2.3's API (trainer.kubeflow.org/v1alpha1) and the JobSet v1alpha2 spec it embeds, written from
+# their published Go types: the fields each object takes. TorchMLPolicySource is empty since v2.2 (kubeflow/trainer#3239
+# removed numProcPerNode); a JobSet's Job template is a batch/v1 JobTemplateSpec, checked against Kubernetes' schema.
+TRAINER_V2_3 = {
+    "TrainJob": {"apiVersion", "kind", "metadata", "spec"},
+    "TrainJobSpec": {"runtimeRef", "initializer", "trainer", "runtimePatches", "suspend", "activeDeadlineSeconds", "managedBy"},
+    "RuntimeRef": {"name", "apiGroup", "kind"},
+    "Trainer": {"image", "command", "args", "env", "numNodes", "resourcesPerNode", "numProcPerNode"},
+    "TrainingRuntime": {"apiVersion", "kind", "metadata", "spec"},
+    "TrainingRuntimeSpec": {"mlPolicy", "podGroupPolicy", "template"},
+    "MLPolicy": {"numNodes", "torch", "mpi", "flux", "jax", "xgboost"},
+    "TorchMLPolicySource": set(),
+    "JobSetTemplateSpec": {"metadata", "spec"},
+    "JobSetSpec": {"replicatedJobs", "network", "successPolicy", "failurePolicy", "startupPolicy", "suspend", "coordinator",
+                   "managedBy", "ttlSecondsAfterFinished"},
+    "FailurePolicy": {"maxRestarts", "restartStrategy", "rules"},
+    "FailurePolicyRule": {"name", "action", "onJobFailureReasons", "onJobFailureMessagePatterns", "targetReplicatedJobs"},
+    "ReplicatedJob": {"name", "groupName", "template", "replicas", "dependsOn"},
+}
+
+
+def unknown_trainer_fields(runtime: dict, job: dict) -> list[str]:
+    """Every field of the two objects that Trainer v2.3 does not define (what a strict apply refuses), by path."""
+    found = []
+
+    def check(obj: dict, kind: str, path: str) -> None:
+        found.extend(f"{path}.{key}" for key in obj if key not in TRAINER_V2_3[kind])
+
+    check(job, "TrainJob", "TrainJob")
+    check(job["spec"], "TrainJobSpec", "TrainJob.spec")
+    check(job["spec"]["runtimeRef"], "RuntimeRef", "TrainJob.spec.runtimeRef")
+    check(job["spec"].get("trainer", {}), "Trainer", "TrainJob.spec.trainer")
+    spec = runtime["spec"]
+    check(runtime, "TrainingRuntime", "TrainingRuntime")
+    check(spec, "TrainingRuntimeSpec", "TrainingRuntime.spec")
+    check(spec.get("mlPolicy", {}), "MLPolicy", "spec.mlPolicy")
+    check(spec.get("mlPolicy", {}).get("torch") or {}, "TorchMLPolicySource", "spec.mlPolicy.torch")
+    check(spec["template"], "JobSetTemplateSpec", "spec.template")
+    check(spec["template"]["spec"], "JobSetSpec", "spec.template.spec")
+    failure = spec["template"]["spec"].get("failurePolicy", {})
+    check(failure, "FailurePolicy", "failurePolicy")
+    for rule in failure.get("rules", []):
+        check(rule, "FailurePolicyRule", "failurePolicy.rules[]")
+    for replicated in spec["template"]["spec"]["replicatedJobs"]:
+        check(replicated, "ReplicatedJob", f"replicatedJobs[{replicated['name']}]")
+    return found
+
+
+def test_the_trainer_example_is_the_v2_3_api_and_its_runtime_keeps_the_exit_code_contract(clean_env):
+    """A strict apply against Trainer v2.2/v2.3 CRDs refused torch.numProcPerNode; JobSet's defaults (restartPolicy
+    OnFailure, backoffLimit 6) restarted exit codes 2, 3 and 5 in place while the other node waited."""
+    import json
+
+    import kubernetes_validate
+
+    docs = {d["kind"]: d for d in yaml.safe_load_all((REPO / "k8s" / "kubeflow" / "trainjob.yaml").read_text()) if d}
+    runtime, job = docs["TrainingRuntime"], docs["TrainJob"]
+    assert unknown_trainer_fields(runtime, job) == []
+    old = json.loads(json.dumps(runtime))
+    old["spec"]["mlPolicy"]["torch"] = {"numProcPerNode": "auto"}
+    assert unknown_trainer_fields(old, job) == ["spec.mlPolicy.torch.numProcPerNode"], "the check finds what v2.3 removed"
+    jobset = runtime["spec"]["template"]["spec"]
+    node = next(r for r in jobset["replicatedJobs"] if r["name"] == "node")
+    kubernetes_validate.validate({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": "node"}, "spec": node["template"]["spec"]},
+                                 KUBERNETES_VERSIONS[-1], strict=True)
+    template = node["template"]["spec"]
+    assert template["template"]["spec"]["restartPolicy"] == "Never" and template["backoffLimit"] == 0
+    assert template["podReplacementPolicy"] == "Failed"
+    codes = json.loads((REPO / "helm" / "qlora-job" / "files" / "exit-codes.json").read_text())
+    fail, ignore = template["podFailurePolicy"]["rules"]
+    assert fail["action"] == "FailJob" and fail["onExitCodes"]["containerName"] == "node"
+    assert sorted(fail["onExitCodes"]["values"]) == sorted(int(c) for c, info in codes.items() if not info["retry"] and c != "0")
+    assert ignore == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]}
+    # A node Job failed by that policy fails the JobSet; any other failure restarts all nodes together.
+    rule = jobset["failurePolicy"]["rules"][0]
+    assert (rule["action"], rule["onJobFailureReasons"]) == ("FailJobSet", ["PodFailurePolicy"])
+    assert jobset["failurePolicy"]["maxRestarts"] >= 1
 
 
 def _wait():

@@ -27,6 +27,38 @@ app.kubernetes.io/managed-by: {{ .Release.Service }}
 {{- with .Values.kueue.queueName }}
 kueue.x-k8s.io/queue-name: {{ . }}
 {{- end }}
+{{- with .Values.jobLabels }}
+{{ toYaml . }}
+{{- end }}
+{{- end }}
+
+{{/* "true" where the user's resources.limits already name a GPU resource: `gpus` then adds none beside it. */}}
+{{- define "qlora-job.userGpuLimit" -}}
+{{- range $name, $_ := (default dict .Values.resources.limits) }}
+{{- if or (eq $name $.Values.gpuResourceName) (hasPrefix "nvidia.com/" $name) }}true{{- end }}
+{{- end }}
+{{- end }}
+
+{{/* "true" where the run's pod asks for a GPU, through `gpus` or its own limit. */}}
+{{- define "qlora-job.requestsGpu" -}}
+{{- if or (gt (int .Values.gpus) 0) (include "qlora-job.userGpuLimit" .) }}true{{- end }}
+{{- end }}
+
+{{/* Pod annotations: mesh sidecars kept out, autoscaler consolidation held off (the run's pod), then the user's. */}}
+{{- define "qlora-job.podAnnotations" -}}
+{{- $annotations := dict }}
+{{- if .root.Values.disableSidecarInjection }}
+{{- $_ := set $annotations "sidecar.istio.io/inject" "false" }}
+{{- $_ := set $annotations "linkerd.io/inject" "disabled" }}
+{{- end }}
+{{- if and .run .root.Values.disruption.protect }}
+{{- $_ := set $annotations "karpenter.sh/do-not-disrupt" "true" }}
+{{- $_ := set $annotations "cluster-autoscaler.kubernetes.io/safe-to-evict" "false" }}
+{{- end }}
+{{- $annotations = merge (deepCopy (default dict .root.Values.podAnnotations)) $annotations }}
+{{- if $annotations }}
+{{- toYaml $annotations }}
+{{- end }}
 {{- end }}
 
 {{/*
@@ -82,6 +114,8 @@ generates from job/errors.py (a test keeps the two equal). 0 is success, never a
 {{/* The Job spec, shared by the Job and the CronJob's jobTemplate. */}}
 {{- define "qlora-job.jobSpec" -}}
 backoffLimit: {{ .Values.backoffLimit }}
+# A replacement pod starts once the old one has terminated, never during its checkpoint grace period.
+podReplacementPolicy: Failed
 {{- with .Values.activeDeadlineSeconds }}
 activeDeadlineSeconds: {{ . }}
 {{- end }}
@@ -97,7 +131,7 @@ podFailurePolicy:
         containerName: qlora-job
         operator: In
         values: {{ include "qlora-job.noRetryExitCodes" . }}
-    # Preemption, eviction and node drain are not the run's fault: retry without counting.
+    # Preemption, API eviction (drain), taint deletion and node-pressure eviction: retry without counting.
     - action: Ignore
       onPodConditions:
         - type: DisruptionTarget
@@ -110,9 +144,9 @@ template:
       {{- with .Values.podLabels }}
       {{- toYaml . | nindent 6 }}
       {{- end }}
-    {{- with .Values.podAnnotations }}
+    {{- with include "qlora-job.podAnnotations" (dict "root" . "run" true) }}
     annotations:
-      {{- toYaml . | nindent 6 }}
+      {{- . | nindent 6 }}
     {{- end }}
   spec:
     restartPolicy: Never
@@ -143,6 +177,10 @@ template:
     affinity:
       {{- toYaml . | nindent 6 }}
     {{- end }}
+    {{- with .Values.topologySpreadConstraints }}
+    topologySpreadConstraints:
+      {{- toYaml . | nindent 6 }}
+    {{- end }}
     containers:
       - name: qlora-job
         image: {{ include "qlora-job.image" . }}
@@ -152,15 +190,15 @@ template:
         securityContext:
           {{- toYaml .Values.securityContext | nindent 10 }}
         env:
-          {{- include "qlora-job.env" . | nindent 10 }}
+          {{- include "qlora-job.env" (dict "root" . "gpu" (include "qlora-job.requestsGpu" .)) | nindent 10 }}
         {{- with .Values.envFrom }}
         envFrom:
           {{- toYaml . | nindent 10 }}
         {{- end }}
         resources:
           {{- $resources := deepCopy .Values.resources }}
-          {{- if gt (int .Values.gpus) 0 }}
-          {{- $_ := set $resources "limits" (merge (dict "nvidia.com/gpu" (int .Values.gpus)) (default dict $resources.limits)) }}
+          {{- if and (gt (int .Values.gpus) 0) (not (include "qlora-job.userGpuLimit" .)) }}
+          {{- $_ := set $resources "limits" (merge (dict .Values.gpuResourceName (int .Values.gpus)) (default dict $resources.limits)) }}
           {{- end }}
           {{- toYaml $resources | nindent 10 }}
         terminationMessagePath: /dev/termination-log
@@ -170,6 +208,9 @@ template:
             mountPath: /tmp
           - name: dshm
             mountPath: /dev/shm
+          {{- with .Values.extraVolumeMounts }}
+          {{- toYaml . | nindent 10 }}
+          {{- end }}
     volumes:
       # Work folder, model cache and every library cache: the root filesystem is read-only.
       - name: tmp
@@ -184,55 +225,62 @@ template:
         emptyDir:
           medium: Memory
           sizeLimit: {{ .Values.shmSize }}
+      {{- with .Values.extraVolumes }}
+      {{- toYaml . | nindent 6 }}
+      {{- end }}
 {{- end }}
 
 
 {{/*
-The container's environment: the chart's variables, then `settings`, then `env`. A name given twice
+The container's environment (dict "root" $ "gpu" whether the pod asks for a GPU): the chart's variables, then `settings`, then `env`. A name given twice
 appears once, where it first appeared, with the last value: the user's settings and env win over the
 chart's own (server-side apply refuses a list with a repeated name).
 */}}
 {{- define "qlora-job.env" -}}
+{{- $v := .root.Values }}
 {{- $env := list }}
-{{- $env = append $env (dict "name" "QLORA_DATASET_URI" "value" (include "qlora-job.envValue" (required "datasetUri is required: the s3:// URI of the training JSONL, a prefix of shards, or a list" .Values.datasetUri))) }}
-{{- $env = append $env (dict "name" "QLORA_OUTPUT_URI" "value" (required "outputUri is required: the s3:// prefix that receives <run_id>/adapter and manifest.json" .Values.outputUri)) }}
-{{- $env = append $env (dict "name" "QLORA_MODEL__NAME" "value" (include "qlora-job.envValue" .Values.model)) }}
-{{- $env = append $env (dict "name" "QLORA_ENGINE" "value" (include "qlora-job.envValue" .Values.engine)) }}
-{{- if not (kindIs "invalid" .Values.epochs) }}
-{{- $env = append $env (dict "name" "QLORA_TRAIN__EPOCHS" "value" (include "qlora-job.envValue" .Values.epochs)) }}
+{{- $env = append $env (dict "name" "QLORA_DATASET_URI" "value" (include "qlora-job.envValue" (required "datasetUri is required: the s3:// URI of the training JSONL, a prefix of shards, or a list" $v.datasetUri))) }}
+{{- $env = append $env (dict "name" "QLORA_OUTPUT_URI" "value" (required "outputUri is required: the s3:// prefix that receives <run_id>/adapter and manifest.json" $v.outputUri)) }}
+{{- $env = append $env (dict "name" "QLORA_MODEL__NAME" "value" (include "qlora-job.envValue" $v.model)) }}
+{{- $env = append $env (dict "name" "QLORA_ENGINE" "value" (include "qlora-job.envValue" $v.engine)) }}
+{{- if not (kindIs "invalid" $v.epochs) }}
+{{- $env = append $env (dict "name" "QLORA_TRAIN__EPOCHS" "value" (include "qlora-job.envValue" $v.epochs)) }}
 {{- end }}
-{{- if not (kindIs "invalid" .Values.maxSteps) }}
-{{- $env = append $env (dict "name" "QLORA_TRAIN__MAX_STEPS" "value" (include "qlora-job.envValue" .Values.maxSteps)) }}
+{{- if not (kindIs "invalid" $v.maxSteps) }}
+{{- $env = append $env (dict "name" "QLORA_TRAIN__MAX_STEPS" "value" (include "qlora-job.envValue" $v.maxSteps)) }}
 {{- end }}
-{{- if .Values.runId }}
-{{- $env = append $env (dict "name" "QLORA_RUN_ID" "value" (include "qlora-job.envValue" .Values.runId)) }}
+{{- if $v.runId }}
+{{- $env = append $env (dict "name" "QLORA_RUN_ID" "value" (include "qlora-job.envValue" $v.runId)) }}
 {{- else }}
 {{- /* The Job's name: the same for every retry of this run, new for every CronJob run. */}}
 {{- $env = append $env (dict "name" "QLORA_RUN_ID" "valueFrom" (dict "fieldRef" (dict "fieldPath" "metadata.labels['batch.kubernetes.io/job-name']"))) }}
 {{- end }}
 {{- $env = append $env (dict "name" "QLORA_WORK_DIR" "value" "/tmp/qlora-job") }}
 {{- $env = append $env (dict "name" "QLORA_TERMINATION_LOG" "value" "/dev/termination-log") }}
-{{- if gt (int .Values.gpus) 0 }}
+{{- if .gpu }}
 {{- /* GPUs were asked for: a container that sees none (driver or runtime misconfigured) exits 2 instead of training on CPU. */}}
 {{- $env = append $env (dict "name" "QLORA_REQUIRE_GPU" "value" "true") }}
+{{- else }}
+{{- /* No GPU asked for: the image's NVIDIA_VISIBLE_DEVICES=all would still hand every GPU of the node to this pod. */}}
+{{- $env = append $env (dict "name" "NVIDIA_VISIBLE_DEVICES" "value" "void") }}
 {{- end }}
-{{- with .Values.aws.region }}
+{{- with $v.aws.region }}
 {{- $env = append $env (dict "name" "AWS_REGION" "value" (toString .)) }}
 {{- end }}
-{{- with .Values.aws.endpointUrl }}
+{{- with $v.aws.endpointUrl }}
 {{- $env = append $env (dict "name" "AWS_ENDPOINT_URL_S3" "value" (toString .)) }}
 {{- end }}
-{{- with .Values.aws.existingSecret }}
+{{- with $v.aws.existingSecret }}
 {{- $env = append $env (dict "name" "AWS_ACCESS_KEY_ID" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" "AWS_ACCESS_KEY_ID"))) }}
 {{- $env = append $env (dict "name" "AWS_SECRET_ACCESS_KEY" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" "AWS_SECRET_ACCESS_KEY"))) }}
 {{- end }}
-{{- with .Values.hfToken.existingSecret }}
-{{- $env = append $env (dict "name" "QLORA_HF_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $.Values.hfToken.key))) }}
+{{- with $v.hfToken.existingSecret }}
+{{- $env = append $env (dict "name" "QLORA_HF_TOKEN" "valueFrom" (dict "secretKeyRef" (dict "name" . "key" $v.hfToken.key))) }}
 {{- end }}
-{{- range $name, $value := .Values.settings }}
+{{- range $name, $value := $v.settings }}
 {{- $env = append $env (dict "name" $name "value" (include "qlora-job.envValue" $value)) }}
 {{- end }}
-{{- $env = concat $env .Values.env }}
+{{- $env = concat $env $v.env }}
 {{- $last := dict }}
 {{- range $env }}
 {{- $_ := set $last .name . }}
