@@ -360,6 +360,38 @@ def log_training_plan(plan: planning.BatchPlan, length: planning.Duration, rows:
              eta_s=eta, eta_basis="job/plan.py's time model for this card" if eta is not None else "measured from the first steps")
 
 
+def full_micro_batches(trainer, rows: int) -> None:
+    """Fill each epoch's short last training micro-batch up to `rows` with copies of its first row that train nothing
+    (labels all -100), so CUDA graphs replay a recorded shape instead of recording or compiling one more. Each row
+    adds nothing to the loss's sum or its token count (the Trainer divides by the labelled tokens of the step), so
+    the update is the same; evaluation batches are left as they are (their loss is averaged per row)."""
+    import copy
+
+    default = trainer.get_train_dataloader
+
+    def collate(collator):
+        def padded(features):
+            if 0 < len(features) < rows and "labels" in features[0]:
+                blank = copy.deepcopy(features[0])
+                blank["labels"] = [-100] * len(blank["labels"])
+                for key in ("completion_mask", "assistant_masks"):
+                    if key in blank:
+                        blank[key] = [0] * len(blank[key])
+                features = [*features, *([blank] * (rows - len(features)))]
+            return collator(features)
+        return padded
+
+    def get_train_dataloader():
+        collator = trainer.data_collator
+        trainer.data_collator = collate(collator)
+        try:
+            return default()
+        finally:
+            trainer.data_collator = collator
+
+    trainer.get_train_dataloader = get_train_dataloader
+
+
 def order_rows_by_epoch(trainer, seed: int) -> None:
     """Give the trainer a length-grouped sampler whose order is a function of (seed, epoch) alone.
     transformers' own draws from the global RNG, which a resumed run restores only after drawing the
@@ -571,6 +603,8 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
                          args=sft_config(settings, spec.checkpoint_dir, cuda, plan), callbacks=callbacks)
     trainer.remove_callback(PrinterCallback)  # Progress logs through structlog; the printer would repeat it as dicts
     order_rows_by_epoch(trainer, settings.train.seed)
+    if plan.cuda_graphs:  # a shape of fewer rows would be recorded (or compiled) once more
+        full_micro_batches(trainer, plan.per_device_batch_size)
     # The run's length from the real data loader (after TRL's packing, on this worker's share of the rows).
     length = planning.duration(settings, len(trainer.get_train_dataloader()), plan.gradient_accumulation_steps)
     trainer.args.max_steps = length.steps

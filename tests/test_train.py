@@ -295,3 +295,46 @@ def test_evaluations_during_training_track_the_lowest_eval_loss(strategy, best_m
     args = sft_config(settings, tmp_path / "ckpt", cuda=False)
     assert (args.eval_strategy, args.metric_for_best_model, args.greater_is_better) == (strategy, best_metric, False)
     assert args.eval_steps == 7 and args.load_best_model_at_end is False  # the best adapter is kept by our callback
+
+
+def test_a_short_last_micro_batch_is_filled_with_rows_that_change_nothing(tmp_path, tiny_model, tiny_tokenizer, clean_env):
+    """CUDA graphs record one shape per (rows, length): the epoch's last micro-batch, short of rows, was one more.
+    Filled up with copies that train nothing, it has the usual rows and the same loss and gradients."""
+    import torch
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+    from trl import SFTTrainer
+
+    from job.train import full_micro_batches, load_train_dataset, sft_config
+
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": "Answer " * (i + 1)}) + "\n" for i in range(6)))
+    settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path / "out"), work_dir=tmp_path,
+                        train={"max_steps": 1, "per_device_batch_size": 4, "gradient_accumulation_steps": 1})
+    dataset, _, _ = load_train_dataset(validate_dataset(source, tmp_path), tiny_tokenizer, settings)
+    torch.manual_seed(0)
+    model = get_peft_model(AutoModelForCausalLM.from_pretrained(tiny_model), LoraConfig(r=4, target_modules=["q_proj"]))
+    trainer = SFTTrainer(model=model, processing_class=tiny_tokenizer, train_dataset=dataset,
+                         args=sft_config(settings, tmp_path / "ckpt", cuda=False))
+    plain = [batch for batch in trainer.get_train_dataloader()]
+    full_micro_batches(trainer, 4)
+    full = [batch for batch in trainer.get_train_dataloader()]
+    assert [len(b["input_ids"]) for b in plain] == [4, 2] and [len(b["input_ids"]) for b in full] == [4, 4]
+    assert len(next(iter(trainer.get_eval_dataloader(trainer.train_dataset.select(range(5)))))["input_ids"]) == 4, "eval batches untouched"
+
+    model.eval()  # no dropout: the same arithmetic for both batches
+
+    def loss_and_grads(batch):
+        model.zero_grad()
+        labels = batch["labels"]
+        loss = model(**{k: v for k, v in batch.items() if k != "labels"}, labels=labels,
+                     num_items_in_batch=(labels[:, 1:] != -100).sum()).loss
+        loss.backward()
+        return loss.item(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    features = [{k: v for k, v in trainer.train_dataset[i].items() if k in ("input_ids", "labels")} for i in (4, 5)]
+    short, filled = trainer.data_collator(features), trainer.get_train_dataloader().collate_fn(features)
+    assert (filled["labels"][2:] == -100).all() and torch.equal(filled["input_ids"][:2], short["input_ids"])
+    (loss_short, grads_short), (loss_full, grads_full) = loss_and_grads(short), loss_and_grads(filled)
+    assert loss_full == pytest.approx(loss_short, rel=1e-5)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_short, grads_full, strict=True))
