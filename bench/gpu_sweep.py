@@ -4,7 +4,7 @@ equal tokens against the seed recipe) for learning-rate choices.
 
     python bench/gpu_sweep.py OUTDIR        (after `gpu_anchor.py prepare`; SWEEP=profile,budgets,guard)
 
-Every variant is the job's own code path (job.train.prepare and job.train.train, one TrainSpec each)
+Every variant is the job's own code path (job.rows.prepare, job.train.prepare and job.train.train, one TrainSpec each)
 on the anchor's Qwen3-0.6B-shaped random model and 3,000 synthetic rows. Writes OUTDIR/sweep.json
 and OUTDIR/profile.txt."""
 
@@ -92,7 +92,12 @@ def run_variant(name: str, work: Path, train_kw: dict, lora_kw: dict | None = No
     settings = Settings(dataset_uri=str(DATA), output_uri=str(work / "out"), work_dir=work, engine="unsloth",
                         train=train_kw, lora=lora_kw or {})
     report = data.validate_dataset(DATA, work / name)
-    spec = train.prepare(settings, "unsloth", MODEL_DIR, report, None, work / name, str(work / "out" / name), name)
+    from transformers import AutoTokenizer
+
+    from job import rows
+
+    shaped = rows.prepare(settings, report, None, AutoTokenizer.from_pretrained(MODEL_DIR), work / name)
+    spec = train.prepare(settings, "unsloth", MODEL_DIR, shaped, work / name, str(work / "out" / name), name)
     callbacks = (StepProfiler(*profile, profile_dir or work),) if profile else ()
     metrics = train.train(spec, extra_callbacks=callbacks).as_dict()
     engine.free_memory()

@@ -71,8 +71,8 @@ def rows_per_step(env: dict, train_path: Path, model: str) -> int:
 
     from job.data import validate_dataset
     from job.plan import batch_plan
+    from job.rows import load_train_dataset
     from job.settings import Settings
-    from job.train import load_train_dataset
 
     old = dict(os.environ)
     os.environ.update(env)

@@ -28,7 +28,7 @@ def new_run_id() -> str:
 
 def run(settings: Settings, run_id: str, push) -> ExitCode:
     """One fine-tuning run, a stage a line (docs/design.md, "How one run flows")."""
-    from job import data, engine, evaluate, export, observe, publish, retrain, servable, train, verify, warmstart
+    from job import data, engine, evaluate, export, observe, publish, retrain, rows, servable, train, verify, warmstart
 
     run_uri, work = storage.join(settings.output_uri, run_id), settings.work_dir / run_id
     out = work / "publish"  # exactly what gets uploaded
@@ -53,9 +53,11 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
         with stage("load"):
             metrics.parent = warmstart.fetch_parent(settings, identity["base_model"], work / "parent-adapter")
             source = engine.fetch_base_model(settings, identity["base_model"]["fingerprint"])
-            spec = train.prepare(settings, engine.resolve_engine(settings.engine, settings.require_gpu), source, metrics.data,
-                                 eval_report, work, run_uri, run_id, work / "parent-adapter" if metrics.parent else None)
+        with stage("rows"):
+            shaped = rows.prepare(settings, metrics.data, eval_report, engine.load_tokenizer(settings, source), work)
         with stage("train"):
+            spec = train.prepare(settings, engine.resolve_engine(settings.engine, settings.require_gpu), source, shaped, work,
+                                 run_uri, run_id, work / "parent-adapter" if metrics.parent else None)
             metrics.train = train.run_training(spec, push)
         if metrics.train is None:
             return ExitCode.OK  # not node 0, which verifies and publishes

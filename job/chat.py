@@ -1,12 +1,31 @@
-"""What the chat template says about stopping: the token that ends an assistant turn.
+"""Chat templates: which one a tokenizer gets, and what it says about stopping (the token that ends an
+assistant turn).
 
-Training, the label check, verify's generation and the published generation config all use it. It is
-read from the template, not from `tokenizer.eos_token`: Qwen2.5 base models name `<|endoftext|>` as
-EOS while their ChatML turns end with `<|im_end|>` (QwenLM/Qwen3#927)."""
+Training, the label check, verify's generation and the published generation config all use the
+end-of-turn token. It is read from the template, not from `tokenizer.eos_token`: Qwen2.5 base models
+name `<|endoftext|>` as EOS while their ChatML turns end with `<|im_end|>` (QwenLM/Qwen3#927)."""
+
+from importlib import resources
 
 from job.errors import ConfigError
 
 _SENTINEL = "qlora-job-end-of-turn-probe"
+
+
+def qwen_chat_template(name: str = "qwen3") -> str:
+    """The original chat template of a Qwen family, as TRL ships it."""
+    return resources.files("trl").joinpath("chat_templates", f"{name}.jinja").read_text()
+
+
+def set_chat_template(tokenizer, choice: str) -> None:
+    """QLORA_MODEL__CHAT_TEMPLATE: qwen3 or qwen2_5 replace the tokenizer's template; auto keeps it, or gives
+    a tokenizer without one Qwen3's."""
+    if choice in ("qwen3", "qwen2_5"):
+        tokenizer.chat_template = qwen_chat_template(choice)
+    elif choice == "auto" and not tokenizer.chat_template:
+        tokenizer.chat_template = qwen_chat_template("qwen3")
+    elif not tokenizer.chat_template:
+        raise ConfigError("the tokenizer has no chat template; set QLORA_MODEL__CHAT_TEMPLATE=qwen3 or qwen2_5")
 
 
 def end_of_turn_id(tokenizer) -> int:

@@ -10,7 +10,7 @@ Accepted formats, one JSON object per line:
   {"prompt", "completion"}  strings or lists of messages     TRL's own
 The prompt is everything before the final assistant turn, the completion that turn, so TRL masks the
 prompt and the loss falls on the answer (and its end-of-turn token). A messages row's earlier
-assistant turns are trained too unless QLORA_DATA__TRAIN_TURNS=last (train.expand_turns)."""
+assistant turns are trained too unless QLORA_DATA__TRAIN_TURNS=last (rows.expand_turns)."""
 
 import gzip
 import hashlib

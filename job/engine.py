@@ -13,7 +13,7 @@ import os
 import shutil
 from pathlib import Path
 
-from job import storage
+from job import chat, storage
 from job.errors import ConfigError, ExportError, JobError, ModelLoadError, one_line
 from job.logs import get_logger
 from job.settings import Settings
@@ -128,17 +128,6 @@ def model_dtype():
     return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
 
 
-def _set_chat_template(tokenizer, choice: str) -> None:
-    from job.tiny import qwen_chat_template
-
-    if choice in ("qwen3", "qwen2_5"):
-        tokenizer.chat_template = qwen_chat_template(choice)
-    elif choice == "auto" and not tokenizer.chat_template:
-        tokenizer.chat_template = qwen_chat_template("qwen3")
-    elif not tokenizer.chat_template:
-        raise ConfigError("the tokenizer has no chat template; set QLORA_MODEL__CHAT_TEMPLATE=qwen3 or qwen2_5")
-
-
 def gradient_checkpointing(settings: Settings, engine: str, config, planned: bool | None = None) -> str | bool:
     """What to pass as use_gradient_checkpointing. auto: the seed recipe's "unsloth"; for the fast recipe what
     plan.fit_to_card chose for this card (`planned`), or, where nothing was planned (several processes), only when
@@ -201,7 +190,7 @@ def load_tokenizer(settings: Settings, source: str):
 
     with load_errors(f"cannot load base model {source!r}"):
         tokenizer = AutoTokenizer.from_pretrained(source, **hub_kwargs(settings))
-    _set_chat_template(tokenizer, settings.model.chat_template)
+    chat.set_chat_template(tokenizer, settings.model.chat_template)
     return tokenizer
 
 
@@ -213,7 +202,7 @@ def load_for_training(settings: Settings, engine: str, source: str, device: int 
     if tokenizer is None:
         tokenizer = load_tokenizer(settings, source)
     else:
-        _set_chat_template(tokenizer, settings.model.chat_template)
+        chat.set_chat_template(tokenizer, settings.model.chat_template)
     checkpointing = gradient_checkpointing(settings, engine, model.config, checkpointing)
     if engine == "unsloth":
         from unsloth import FastLanguageModel

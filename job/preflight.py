@@ -75,14 +75,14 @@ def _data_summary(report: data.DataReport) -> dict:
 
 def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer, shape: planning.ModelShape) -> dict:
     """Tokens, over-length rows, epochs, steps, the batch shape fitted to the planned card (QLORA_PLAN__GPU) and the
-    time and memory estimates, as train.prepare and train.train would find them."""
-    from job import train
+    time and memory estimates, as the rows stage and train.train would find them."""
+    from job import rows
 
-    examples, _, mean_tokens, longest = train.training_rows(settings, report, eval_report, tokenizer)
+    examples, _, mean_tokens, longest = rows.training_rows(settings, report, eval_report, tokenizer)
     if "format" not in examples.column_names or "messages" not in set(examples["format"]):
         epoch_tokens = round(mean_tokens * len(examples))
     else:  # a turn's row may repeat its history: measure what will be trained
-        measured, _ = train.drop_overlength(examples, tokenizer, 1 << 30, "truncate")
+        measured, _ = rows.drop_overlength(examples, tokenizer, 1 << 30, "truncate")
         epoch_tokens = sum(measured["n_tokens"])
     world = 1 if settings.nproc_per_node == "auto" else int(settings.nproc_per_node)
     batch = planning.batch_plan(settings, mean_tokens, world, len(examples), cuda=True)

@@ -3,16 +3,12 @@ bundled sample data and Qwen3's real chat template. Tests, the demo and the kind
 e2e use it: there is no model hub on CI machines or in air-gapped clusters."""
 
 import json
-from importlib import resources
 from pathlib import Path
+
+from job import chat
 
 SAMPLE_DATA = Path(__file__).parent / "sample" / "6g_ai_qa.jsonl"
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</think>"]
-
-
-def qwen_chat_template(name: str = "qwen3") -> str:
-    """The original chat template of a Qwen family, as TRL ships it."""
-    return resources.files("trl").joinpath("chat_templates", f"{name}.jinja").read_text()
 
 
 def _sample_texts(path: Path) -> list[str]:
@@ -42,7 +38,7 @@ def make_tiny_model(out_dir: Path, *, shape: dict | None = None, tokenizer_vocab
 
     shape = dict(shape or TINY)
     fast = tokenizer if tokenizer is not None else _sample_tokenizer(tokenizer_vocab)
-    fast.chat_template = qwen_chat_template(template)
+    fast.chat_template = chat.qwen_chat_template(template)
     if eos_token is not None:
         fast.eos_token = eos_token
 

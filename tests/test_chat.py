@@ -4,9 +4,8 @@ import copy
 
 import pytest
 
-from job.chat import end_of_turn_id, generation_config, stop_token_ids
+from job.chat import end_of_turn_id, generation_config, qwen_chat_template, stop_token_ids
 from job.errors import ConfigError
-from job.tiny import qwen_chat_template
 
 
 @pytest.fixture

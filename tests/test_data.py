@@ -216,7 +216,7 @@ def test_weights_repeat_and_sample_a_sources_rows_deterministically(tmp_path):
     from datasets import Dataset
 
     from job.data import fetch_dataset
-    from job.train import mix_sources
+    from job.rows import mix_sources
 
     a = _write(tmp_path / "a.jsonl", [json.dumps({"instruction": f"a{i}", "output": "x"}) for i in range(10)])
     b = _write(tmp_path / "b.jsonl", [json.dumps({"instruction": f"b{i}", "output": "y"}) for i in range(10)])

@@ -67,8 +67,9 @@ def test_the_label_check_trains_the_end_of_turn_token(real_model, tmp_path, clea
     from trl import SFTTrainer
 
     from job.data import validate_dataset
+    from job.rows import load_train_dataset
     from job.settings import Settings
-    from job.train import check_labels, load_train_dataset, sft_config
+    from job.train import check_labels, sft_config
 
     settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path), train={"max_steps": 1, "per_device_batch_size": 1})
     source = tmp_path / "d.jsonl"

@@ -17,6 +17,16 @@ ROWS = {
 }
 
 
+def _spec(settings, model: str, report, eval_report, work, run_uri: str, run_id: str):
+    """The rows stage, then the TrainSpec, as a run makes them."""
+    from transformers import AutoTokenizer
+
+    from job import rows, train
+
+    shaped = rows.prepare(settings, report, eval_report, AutoTokenizer.from_pretrained(model), work)
+    return train.prepare(settings, "transformers", model, shaped, work, run_uri, run_id)
+
+
 @pytest.fixture
 def settings(tmp_path, clean_env):
     return Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path / "out"), work_dir=tmp_path,
@@ -29,7 +39,8 @@ def test_prompt_is_masked_and_answer_with_end_of_turn_is_trained(kind, tmp_path,
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from job.train import check_labels, load_train_dataset, sft_config
+    from job.rows import load_train_dataset
+    from job.train import check_labels, sft_config
 
     source = tmp_path / "d.jsonl"
     source.write_text(json.dumps(ROWS[kind]) + "\n")
@@ -62,7 +73,8 @@ def _trained_rows(rows, tmp_path, tiny_model, tiny_tokenizer, settings):
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from job.train import check_labels, expand_turns, load_train_dataset, sft_config
+    from job.rows import expand_turns, load_train_dataset
+    from job.train import check_labels, sft_config
 
     (tmp_path / "d.jsonl").write_text("".join(json.dumps(row) + "\n" for row in rows))
     dataset, _, _ = load_train_dataset(validate_dataset(tmp_path / "d.jsonl", tmp_path), tiny_tokenizer, settings)
@@ -103,7 +115,7 @@ def test_every_assistant_turn_of_a_conversation_is_trained_and_user_turns_are_ma
 
 
 def test_overlength_rows_are_rejected_with_their_line_or_kept_for_truncation(tmp_path, tiny_tokenizer, settings):
-    from job.train import load_train_dataset
+    from job.rows import load_train_dataset
 
     source = tmp_path / "d.jsonl"
     source.write_text(json.dumps({"instruction": "short", "output": "fine"}) + "\n"
@@ -210,7 +222,7 @@ def test_a_run_resumed_mid_epoch_sees_each_row_of_that_epoch_once(recipe, stop_a
 
     def spec(work):
         report = validate_dataset(source, work)
-        return training.prepare(settings, "transformers", str(tiny_model), report, None, work, str(tmp_path / "out" / "r1"), "r1")
+        return _spec(settings, str(tiny_model), report, None, work, str(tmp_path / "out" / "r1"), "r1")
 
     first = Rows(stop_after=stop_after)  # inside epoch 2
     with pytest.raises(Terminated):
@@ -259,8 +271,8 @@ def test_early_stopping_keeps_the_best_adapter_and_the_best_survives_a_resume(tm
                 os.kill(os.getpid(), signal.SIGTERM)  # the checkpoint follows at the end of step 105
 
     def spec(work):
-        return training.prepare(settings, "transformers", str(tiny_model), validate_dataset(source, work / "data"),
-                                validate_dataset(held_out, work / "eval"), work, str(tmp_path / "out" / "r1"), "r1")
+        return _spec(settings, str(tiny_model), validate_dataset(source, work / "data"), validate_dataset(held_out, work / "eval"),
+                     work, str(tmp_path / "out" / "r1"), "r1")
 
     with pytest.raises(Terminated):
         training.train(spec(tmp_path / "work-1"), extra_callbacks=(StopAt(),))
@@ -305,7 +317,8 @@ def test_a_short_last_micro_batch_is_filled_with_rows_that_change_nothing(tmp_pa
     from transformers import AutoModelForCausalLM
     from trl import SFTTrainer
 
-    from job.train import full_micro_batches, load_train_dataset, sft_config
+    from job.rows import load_train_dataset
+    from job.train import full_micro_batches, sft_config
 
     source = tmp_path / "d.jsonl"
     source.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": "Answer " * (i + 1)}) + "\n" for i in range(6)))
