@@ -80,7 +80,7 @@ def rows_per_step(env: dict, train_path: Path, model: str) -> int:
         settings = Settings()
         report = validate_dataset(train_path, Path(env["QLORA_WORK_DIR"]))
         dataset, mean_row_tokens, _ = load_train_dataset(report, AutoTokenizer.from_pretrained(model), settings)
-        return batch_plan(settings, mean_row_tokens, 1, len(dataset)).rows_per_step
+        return batch_plan(settings.train, settings.model.max_seq_length, mean_row_tokens, 1, len(dataset)).rows_per_step
     finally:
         os.environ.clear()
         os.environ.update(old)

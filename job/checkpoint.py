@@ -47,15 +47,18 @@ def _remote_checkpoints(run_uri: str) -> list[tuple[int, str]]:
     return sorted(complete, reverse=True)
 
 
-def _valid(folder: Path) -> bool:
-    from safetensors import safe_open
+def valid_checkpoint(folder: Path) -> bool:
+    """Whether a downloaded checkpoint can be resumed: its files are there, trainer_state.json parses to a positive
+    step, and the adapter's safetensors header reads."""
+    from safetensors import SafetensorError, safe_open
 
     try:
         state = json.loads((folder / "trainer_state.json").read_text())
         with safe_open(str(folder / "adapter_model.safetensors"), framework="pt") as tensors:
             next(iter(tensors.keys()))
         return all((folder / name).exists() for name in REQUIRED) and type(state["global_step"]) is int and state["global_step"] > 0
-    except (OSError, ValueError, KeyError, TypeError, StopIteration, RuntimeError, RecursionError):  # TypeError: state is not an object
+    except (OSError, ValueError, KeyError, TypeError, StopIteration, RuntimeError, RecursionError, SafetensorError):
+        # TypeError: state is not an object; SafetensorError: a header cut short (a partial upload or download)
         return False
 
 
@@ -64,7 +67,7 @@ def fetch_latest_checkpoint(run_uri: str, work: Path) -> Path | None:
     for step, name in _remote_checkpoints(run_uri):
         local = work / "resume" / name
         storage.fetch_prefix(storage.join(checkpoints_uri(run_uri), name), local)
-        if _valid(local):
+        if valid_checkpoint(local):
             log.info("resuming from checkpoint", checkpoint=name, step=step)
             return local
         log.warning("checkpoint does not validate; trying an older one", checkpoint=name)

@@ -15,7 +15,7 @@ from pathlib import Path
 from job import storage
 from job.errors import ModelLoadError
 from job.logs import get_logger
-from job.settings import Settings
+from job.settings import PromotionSettings, Settings
 from job.verify import normalised
 
 log = get_logger(__name__)
@@ -123,7 +123,7 @@ def evaluate_run(settings: Settings, model, tokenizer, eval_dataset: Path | None
         model.delete_adapter(CHAMPION)
     scores = {name: score(texts, references) for name, texts in outputs.items()}
     seconds = round(time.perf_counter() - started, 3)
-    decision = promotion(settings, scores, champion, why_not)
+    decision = promotion(settings.promotion, scores, champion, why_not)
     report = {"prompts": len(prompts), "max_new_tokens": ev.answer_max_new_tokens, "seconds": seconds, **scores,
               "champion_run_id": champion["run_id"] if champion else None, "promotion": decision}
     log.info("answer metrics", prompts=len(prompts), seconds=seconds, **{f"{k}_{m}": v[m] for k, v in scores.items() for m in v},
@@ -134,9 +134,9 @@ def evaluate_run(settings: Settings, model, tokenizer, eval_dataset: Path | None
     return report
 
 
-def promotion(settings: Settings, scores: dict, champion: dict | None, why_not: str) -> dict:
+def promotion(rules: PromotionSettings, scores: dict, champion: dict | None, why_not: str) -> dict:
     """Promoted unless the champion was scored and this run is worse by more than the tolerance."""
-    metric, tolerance = settings.promotion.metric, settings.promotion.tolerance
+    metric, tolerance = rules.metric, rules.tolerance
     if champion is None:
         return {"promoted": True, "reason": why_not, "metric": metric}
     ours, theirs = scores["tuned"][metric], scores["champion"][metric]

@@ -11,7 +11,7 @@ training fast; fewer steps an epoch are also what makes it learn less, hence the
 import math
 from dataclasses import asdict, dataclass, replace
 
-from job.settings import Settings
+from job.settings import TrainSettings
 
 SEED_ROWS_PER_STEP = 8  # the tutorial: 2 rows x 4 accumulation
 SEED_LEARNING_RATE = 2e-4
@@ -81,11 +81,10 @@ def micro_batches_per_epoch(rows: int, plan: BatchPlan) -> int:
     return math.ceil(math.ceil(rows / plan.world_size) / plan.per_device_batch_size)
 
 
-def duration(settings: Settings, micro_batches_per_epoch: int, accumulation: int) -> Duration:
+def duration(train: TrainSettings, micro_batches_per_epoch: int, accumulation: int) -> Duration:
     """Steps for the run's epochs (capped by max_steps) or its max_steps; neither set: seed 60 steps, fast 3 epochs.
     A step is `accumulation` micro-batches, and a short last group is a step too (as the Trainer counts).
     micro_batches_per_epoch: the training data loader's length on one worker."""
-    train = settings.train
     epochs, max_steps = train.epochs, train.max_steps
     if epochs is None and max_steps is None:
         epochs, max_steps = (None, SEED_MAX_STEPS) if train.recipe == "seed" else (DEFAULT_EPOCHS, None)
@@ -96,30 +95,29 @@ def duration(settings: Settings, micro_batches_per_epoch: int, accumulation: int
     return Duration(epochs=epochs, max_steps=max_steps, steps_per_epoch=per_epoch, steps=max(steps, 1))
 
 
-def cuda_graphs(settings: Settings, world_size: int) -> bool:
+def cuda_graphs(train: TrainSettings, world_size: int) -> bool:
     """Whether training replays CUDA graphs per decoder block (Unsloth engine on CUDA only): the fast recipe on
     one process, unless QLORA_TRAIN__CUDA_GRAPHS says otherwise. Not with packing (a new shape every batch),
     not under DDP (not measured there yet)."""
-    train = settings.train
     if train.cuda_graphs is not None:
         return train.cuda_graphs
     return train.recipe == "fast" and not train.packing and world_size == 1
 
 
-def batch_plan(settings: Settings, mean_row_tokens: float | None = None, world_size: int = 1,
+def batch_plan(train: TrainSettings, max_seq_length: int = 2048, mean_row_tokens: float | None = None, world_size: int = 1,
                dataset_rows: int | None = None, cuda: bool = False) -> BatchPlan:
     """The batch shape, learning rate and warm-up for the chosen recipe; explicit settings always win.
 
     Packing stays off unless asked for: without FlashAttention-2 or xformers a padding-free packed
-    micro-batch is attended as one long sequence, whose cost grows with the square of its length."""
-    train = settings.train
+    micro-batch is attended as one long sequence, whose cost grows with the square of its length.
+    max_seq_length: the model's (QLORA_MODEL__MAX_SEQ_LENGTH), the length of a packed sequence."""
     seed = train.recipe == "seed"
     row_tokens = max(mean_row_tokens or ROW_TOKENS_BEFORE_MEASURING, 1)
     if seed:
         per_device = train.per_device_batch_size or SEED_ROWS_PER_DEVICE
     elif train.packing:
         # 16,384 tokens / 2,048 per packed sequence = 8 sequences per micro-batch
-        per_device = train.per_device_batch_size or max(1, train.micro_batch_tokens // settings.model.max_seq_length)
+        per_device = train.per_device_batch_size or max(1, train.micro_batch_tokens // max_seq_length)
     else:
         # 16,384 tokens / ~580 tokens a row = 28 rows per micro-batch
         per_device = train.per_device_batch_size or max(1, int(train.micro_batch_tokens // row_tokens))
@@ -128,10 +126,10 @@ def batch_plan(settings: Settings, mean_row_tokens: float | None = None, world_s
     if dataset_rows and not train.per_device_batch_size:  # a micro-batch never holds more rows than there are
         per_device = min(per_device, max(1, math.ceil(dataset_rows / world_size)))
     accumulation = train.gradient_accumulation_steps or (SEED_ACCUMULATION if seed else 1)
-    graphs = cuda and cuda_graphs(settings, world_size)
+    graphs = cuda and cuda_graphs(train, world_size)
     rows_per_step = per_device * accumulation * world_size
     if train.packing:  # each packed sequence holds several rows
-        rows_per_step *= max(1, settings.model.max_seq_length // int(row_tokens))
+        rows_per_step *= max(1, max_seq_length // int(row_tokens))
     scale = 1.0 if seed else min(MAX_LEARNING_RATE_SCALE, max(1.0, rows_per_step / SEED_ROWS_PER_STEP))
     # Warm-up covers the same rows as the seed's 5 steps of 8.
     warmup = train.warmup_steps if train.warmup_steps is not None else (

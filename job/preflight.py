@@ -85,7 +85,7 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer,
         measured, _ = rows.drop_overlength(examples, tokenizer, 1 << 30, "truncate")
         epoch_tokens = sum(measured["n_tokens"])
     world = 1 if settings.nproc_per_node == "auto" else int(settings.nproc_per_node)
-    batch = planning.batch_plan(settings, mean_tokens, world, len(examples), cuda=True)
+    batch = planning.batch_plan(settings.train, settings.model.max_seq_length, mean_tokens, world, len(examples), cuda=True)
     gpu, card_gib, flops = planning.card(settings.plan.gpu)
     free_gib = card_gib - planning.CUDA_CONTEXT_GIB
     row = settings.model.max_seq_length if batch.packing else planning.padded(
@@ -106,7 +106,7 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer,
         micro_batches = math.ceil(math.ceil(sequences / world) / batch.per_device_batch_size)
     else:
         micro_batches = planning.micro_batches_per_epoch(len(examples), batch)
-    length = planning.duration(settings, micro_batches, batch.gradient_accumulation_steps)
+    length = planning.duration(settings.train, micro_batches, batch.gradient_accumulation_steps)
     return {
         "tokens": {"total": report.tokens, "longest_row": report.longest_row_tokens, "mean_row": mean_tokens,
                    "rows_over_max_seq_length": report.overlength_rows, "max_seq_length": settings.model.max_seq_length,

@@ -122,7 +122,7 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: planning.
     from trl import SFTConfig
 
     train = settings.train
-    plan = plan or planning.batch_plan(settings)
+    plan = plan or planning.batch_plan(settings.train, settings.model.max_seq_length)
     bf16 = cuda and torch.cuda.is_bf16_supported()
     return SFTConfig(
         output_dir=str(output_dir),
@@ -435,7 +435,8 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     settings, ranks, cuda = spec.settings, distributed.ranks(), torch.cuda.is_available()
     dataset = load_from_disk(str(spec.train_dataset))
     eval_dataset = load_from_disk(str(spec.eval_dataset)) if spec.eval_dataset else None
-    plan = planning.batch_plan(settings, spec.mean_row_tokens, ranks.world_size, len(dataset), cuda)
+    plan = planning.batch_plan(settings.train, settings.model.max_seq_length, spec.mean_row_tokens, ranks.world_size,
+                               len(dataset), cuda)
     fit = None
     if cuda and ranks.world_size == 1 and settings.train.recipe == "fast":
         plan, fit = fit_to_this_card(settings, spec.model_source, plan, spec.longest_row_tokens)
@@ -471,7 +472,7 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     if plan.cuda_graphs:  # a shape of fewer rows would be recorded (or compiled) once more
         full_micro_batches(trainer, plan.per_device_batch_size)
     # The run's length from the real data loader (after TRL's packing, on this worker's share of the rows).
-    length = planning.duration(settings, len(trainer.get_train_dataloader()), plan.gradient_accumulation_steps)
+    length = planning.duration(settings.train, len(trainer.get_train_dataloader()), plan.gradient_accumulation_steps)
     trainer.args.max_steps = length.steps
     log_training_plan(plan, length, len(dataset), spec.mean_row_tokens, fit)
     labels = check_labels(trainer, chat.end_of_turn_id(tokenizer), allow_cut_turns=settings.data.overlength == "truncate")

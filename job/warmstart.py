@@ -12,7 +12,7 @@ from pathlib import Path
 from job import publish, retrain, storage
 from job.errors import ConfigError, ModelLoadError, one_line
 from job.logs import get_logger
-from job.settings import Settings
+from job.settings import LoraSettings, Settings
 
 log = get_logger(__name__)
 
@@ -34,14 +34,14 @@ def fetch_parent(settings: Settings, base_model: dict, folder: Path) -> dict | N
     storage.fetch_prefix(adapter_uri, folder, ModelLoadError)
     if not (folder / "adapter_config.json").is_file() or not (folder / "adapter_model.safetensors").is_file():
         raise ConfigError(f"QLORA_LORA__INIT_FROM: {adapter_uri} holds no adapter_config.json and adapter_model.safetensors")
-    _check_shape(_adapter_config(folder, adapter_uri), settings, adapter_uri)
+    check_shape(_adapter_config(folder, adapter_uri), settings.lora, adapter_uri)
     manifest_uri = adapter_uri.rsplit("/", 1)[0] + "/" + publish.MANIFEST
     manifest_bytes = storage.read_bytes(manifest_uri) if adapter_uri.endswith("/adapter") else None
     manifest = publish.parse_manifest(manifest_bytes, manifest_uri, ModelLoadError) if manifest_bytes else None
     if manifest is None:
         log.warning("no manifest beside the parent adapter: its base model is checked by its weights' shapes only", adapter=adapter_uri)
     else:
-        _check_base(manifest["base_model"], base_model, adapter_uri)
+        check_base(manifest["base_model"], base_model, adapter_uri)
     parent = {"adapter_uri": adapter_uri, "run_id": manifest["run_id"] if manifest else None,
               "manifest_sha256": hashlib.sha256(manifest_bytes).hexdigest() if manifest_bytes else None}
     log.info("warm start", **parent)
@@ -58,8 +58,8 @@ def _adapter_config(folder: Path, uri: str) -> dict:
     return config
 
 
-def _check_shape(config: dict, settings: Settings, uri: str) -> None:
-    lora = settings.lora
+def check_shape(config: dict, lora: LoraSettings, uri: str) -> None:
+    """The parent adapter's r, alpha and target modules are this run's (its weights go into this run's adapter)."""
     theirs = {"r": config.get("r"), "alpha": config.get("lora_alpha"), "target_modules": sorted(config.get("target_modules") or [])}
     ours = {"r": lora.r, "alpha": lora.alpha, "target_modules": sorted(lora.target_modules)}
     if theirs != ours:
@@ -67,7 +67,8 @@ def _check_shape(config: dict, settings: Settings, uri: str) -> None:
         raise ConfigError(f"QLORA_LORA__INIT_FROM: {uri} has another LoRA shape ({different})")
 
 
-def _check_base(theirs: dict, ours: dict, uri: str) -> None:
+def check_base(theirs: dict, ours: dict, uri: str) -> None:
+    """The parent was trained on this run's base model: name, revision and content fingerprint."""
     keys = ("name", "revision", "fingerprint")
     if any(theirs.get(k) != ours.get(k) for k in keys):
         raise ConfigError(f"QLORA_LORA__INIT_FROM: {uri} was trained on base model {theirs.get('name')!r} "

@@ -1,16 +1,16 @@
-"""Batch planning (job/plan.py): pure arithmetic on settings, no torch, no data."""
+"""Batch planning (job/plan.py): pure arithmetic on the train section, no torch, no data, no environment."""
 
 import pytest
 
 from job.plan import BatchPlan, batch_plan, duration, micro_batches_per_epoch
-from job.settings import Settings
+from job.settings import TrainSettings
 
 
-def settings(**train) -> Settings:
-    return Settings(dataset_uri="s3://data/train.jsonl", output_uri="s3://models/runs", train=train)
+def settings(**train) -> TrainSettings:
+    return TrainSettings(**train)
 
 
-def test_seed_recipe_is_the_tutorials_two_by_four_at_2e_4(clean_env):
+def test_seed_recipe_is_the_tutorials_two_by_four_at_2e_4():
     assert batch_plan(settings(recipe="seed")) == BatchPlan(
         per_device_batch_size=2, gradient_accumulation_steps=4, packing=False, sampling="random", pad_to_multiple_of=None,
         world_size=1, rows_per_step=8, learning_rate=2e-4, warmup_steps=5)
@@ -19,7 +19,7 @@ def test_seed_recipe_is_the_tutorials_two_by_four_at_2e_4(clean_env):
     assert (two.rows_per_step, two.learning_rate, two.warmup_steps, two.pad_to_multiple_of) == (16, 2e-4, 5, None)
 
 
-def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean_env, monkeypatch):
+def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step():
     s = settings()
     # 16,384-token budget / 1,100 tokens a row = 14 rows, one micro-batch a step, length-grouped;
     # 14 rows instead of the seed's 8: learning rate x 1.75, warm-up over 40 rows = 3 steps.
@@ -50,7 +50,7 @@ def test_fast_recipe_fills_one_micro_batch_of_similar_length_rows_per_step(clean
     assert (plan.per_device_batch_size, plan.gradient_accumulation_steps, plan.packing, plan.sampling) == (32, 2, True, "random")
 
 
-def test_a_micro_batch_never_holds_more_rows_than_the_dataset_has(clean_env):
+def test_a_micro_batch_never_holds_more_rows_than_the_dataset_has():
     # 10 rows of 100 tokens: the budget would take 163; the plan takes all 10, or 5 a worker on two.
     assert batch_plan(settings(), mean_row_tokens=100, dataset_rows=10).per_device_batch_size == 10
     assert batch_plan(settings(), mean_row_tokens=100, dataset_rows=10, world_size=2).per_device_batch_size == 5
@@ -61,18 +61,18 @@ def test_a_micro_batch_never_holds_more_rows_than_the_dataset_has(clean_env):
     assert batch_plan(settings(per_device_batch_size=64), dataset_rows=10).per_device_batch_size == 64
 
 
-def test_packed_rows_a_step_count_rows_not_sequences(clean_env):
+def test_packed_rows_a_step_count_rows_not_sequences():
     # 8 packed sequences of 2,048 tokens, each ~4 rows of 512 tokens: 32 rows a step, lr at the 4x cap.
     plan = batch_plan(settings(packing=True), mean_row_tokens=512)
     assert (plan.per_device_batch_size, plan.rows_per_step, plan.learning_rate, plan.warmup_steps) == (8, 32, pytest.approx(8e-4), 2)
 
 
-def test_before_the_data_is_measured_rows_are_taken_as_512_tokens(clean_env):
+def test_before_the_data_is_measured_rows_are_taken_as_512_tokens():
     assert batch_plan(settings(micro_batch_tokens=4096)).per_device_batch_size == 4096 // 512
     assert batch_plan(settings(micro_batch_tokens=64), mean_row_tokens=0.5).per_device_batch_size == 16  # 64 / max(0.5, 1), capped
 
 
-def test_a_run_is_sized_in_epochs_by_default_and_the_seed_keeps_its_60_steps(clean_env):
+def test_a_run_is_sized_in_epochs_by_default_and_the_seed_keeps_its_60_steps():
     # fast, 1,000 rows, 16 a step: 63 micro-batches an epoch (the last one short), 3 epochs = 189 steps.
     plan = batch_plan(settings(), mean_row_tokens=100, dataset_rows=1000)
     batches = micro_batches_per_epoch(1000, plan)
@@ -167,7 +167,7 @@ def _fast_plan():
     ("0.6b", "L4", False, False, 16),  # 16 rows a step on an L4 are the GPU's work: graphs would only cost memory
     ("0.6b", "H100", False, True, 16), ("0.6b", "H200", False, True, 16),
 ])
-def test_the_fast_recipe_fits_the_card_it_runs_on(clean_env, shape, gpu, checkpointing, graphs, rows):
+def test_the_fast_recipe_fits_the_card_it_runs_on(shape, gpu, checkpointing, graphs, rows):
     plan = _fast_plan()
     name, free, flops = card(gpu)
     fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3[shape]), 640, free - 0.6, flops)
@@ -178,7 +178,7 @@ def test_the_fast_recipe_fits_the_card_it_runs_on(clean_env, shape, gpu, checkpo
     assert fitted.pad_to_multiple_of == (128 if graphs else 64)
 
 
-def test_a_card_too_small_for_the_micro_batch_gets_fewer_rows_a_micro_batch_and_the_same_rows_a_step(clean_env):
+def test_a_card_too_small_for_the_micro_batch_gets_fewer_rows_a_micro_batch_and_the_same_rows_a_step():
     plan = _fast_plan()
     fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3["8b"]), 640, 10.0, GPUS["L4"][1])
     assert fit.gradient_checkpointing and fit.peak_gpu_memory_gib <= fit.budget_gib
@@ -192,7 +192,7 @@ def test_a_card_too_small_for_the_micro_batch_gets_fewer_rows_a_micro_batch_and_
     assert fit_to_card(plan, ModelShape.from_config(QWEN3["0.6b"]), 640, 70.0, GPUS["H100"][1], checkpointing=True)[1].gradient_checkpointing
 
 
-def test_the_fastest_fitting_choice_is_taken_and_its_time_recorded(clean_env):
+def test_the_fastest_fitting_choice_is_taken_and_its_time_recorded():
     """Of what fits, the time model's fastest a step; micro-batches below the timed sizes only when nothing else fits."""
     plan, shape = _fast_plan(), ModelShape.from_config(QWEN3["8b"])
     fitted, fit = fit_to_card(plan, shape, 640, 44.4, GPUS["L40S"][1])
@@ -218,7 +218,7 @@ def test_cards_are_known_by_the_names_cuda_gives_them():
         "H100", "H200", "A100-40GB", "A100-80GB", "L40S", "L4", "A10G", "H100"]
 
 
-def test_out_of_memory_names_the_setting_and_a_value_that_fits(clean_env):
+def test_out_of_memory_names_the_setting_and_a_value_that_fits():
     plan = _fast_plan()
     fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3["0.6b"]), 640, 70.0, GPUS["H100"][1])
     assert out_of_memory_advice(fitted, fit, 2048) == "set QLORA_TRAIN__CUDA_GRAPHS=false (their pools hold memory)"

@@ -19,7 +19,7 @@ def test_defaults_are_the_seed_tutorials_recipe(clean_env, monkeypatch):
     t = s.train
     assert t.recipe == "fast" and (t.epochs, t.max_steps) == (None, None)  # plan.duration: fast 3 epochs, seed 60 steps
     s.train.recipe = "seed"
-    assert batch_plan(s).as_dict() == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
+    assert batch_plan(s.train).as_dict() == {"per_device_batch_size": 2, "gradient_accumulation_steps": 4, "packing": False,
                                        "sampling": "random", "pad_to_multiple_of": None, "world_size": 1, "rows_per_step": 8,
                                        "learning_rate": 2e-4, "warmup_steps": 5, "cuda_graphs": False}
     assert (t.learning_rate, t.warmup_steps, t.lr_scheduler_type, t.optim) == (None, None, "linear", None)
