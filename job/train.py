@@ -421,10 +421,41 @@ def fit_to_this_card(settings: Settings, source: str, plan: planning.BatchPlan,
     return fitted, fit
 
 
+@dataclass
+class Session:
+    """What setup builds for one training process, and fit and finish use."""
+
+    spec: TrainSpec
+    trainer: object  # trl.SFTTrainer
+    model: object
+    tokenizer: object
+    plan: planning.BatchPlan
+    fit: planning.MemoryFit | None  # what the run chose for this card (one process, fast recipe, CUDA)
+    length: planning.Duration
+    labels: dict  # the first batch's label check
+    progress: object  # progress_callback's
+    stop: checkpoint.StopRequest
+    best: object | None  # best_adapter_callback's, with evaluations during training
+    best_folder: Path
+    cache_bytes: bytes | None  # the compile cache restored, saved again at the end if it changed
+    model_load_s: float
+    rows: int  # training rows as loaded (TRL may drop fully masked ones)
+    eval_rows: int
+    eval_before: float | None = None
+
+
 def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> TrainMetrics:
     """Load the base model with fresh LoRA adapters, fine-tune them on the spec's dataset, and on global
     rank 0 save the adapter. Checkpoints go to <run_uri>/checkpoints/ on schedule and on SIGTERM (then exit
     143); spec.resume_from continues one (optimizer, scheduler, RNG, step). Every DDP worker calls this."""
+    session = setup(spec, on_progress, extra_callbacks)
+    seconds = fit(session)
+    return finish(session, seconds)
+
+
+def setup(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Session:
+    """The batch plan for this card, the model (with a warm start's weights), the callbacks and the trainer,
+    the run's length from the real data loader, and the first batch's label check."""
     import torch
     from datasets import load_from_disk
     from transformers.trainer_callback import PrinterCallback
@@ -437,16 +468,16 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     eval_dataset = load_from_disk(str(spec.eval_dataset)) if spec.eval_dataset else None
     plan = planning.batch_plan(settings.train, settings.model.max_seq_length, spec.mean_row_tokens, ranks.world_size,
                                len(dataset), cuda)
-    fit = None
+    fitted = None
     if cuda and ranks.world_size == 1 and settings.train.recipe == "fast":
-        plan, fit = fit_to_this_card(settings, spec.model_source, plan, spec.longest_row_tokens)
+        plan, fitted = fit_to_this_card(settings, spec.model_source, plan, spec.longest_row_tokens)
     log.info("batch plan", recipe=settings.train.recipe, mean_row_tokens=spec.mean_row_tokens, **plan.as_dict())
     if plan.cuda_graphs and spec.engine == "unsloth":  # before the model load: Unsloth reads it when imported
         engine.enable_block_cuda_graphs(planning.CUDA_GRAPH_SHAPES)
     cache_bytes = compile_cache.restore(settings.output_uri) if settings.train.compile_cache and cuda else None
     started = time.perf_counter()
     model, tokenizer = engine.load_for_training(settings, spec.engine, spec.model_source, device=ranks.local_rank,
-                                                checkpointing=fit.gradient_checkpointing if fit else None)
+                                                checkpointing=fitted.gradient_checkpointing if fitted else None)
     if spec.init_adapter is not None and spec.resume_from is None:  # a checkpoint holds the weights trained since
         from job import warmstart
 
@@ -454,19 +485,11 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     model_load_s = round(time.perf_counter() - started, 3)
     log.info("model loaded", engine=spec.engine, source=spec.model_source, seconds=model_load_s)
     stop, progress = checkpoint.StopRequest(), progress_callback(on_progress)
-    cp, evaluation = settings.checkpoint, settings.eval
     best_folder = spec.checkpoint_dir.parent / "best-adapter"  # the lowest eval loss's adapter, beside the checkpoints
-    best = checkpoint.best_adapter_callback(best_folder, spec.resume_from) if evaluation.strategy != "no" else None
-    callbacks = [progress, *([best] if best else []),
-                 checkpoint.checkpoint_callback(stop, spec.run_uri, cp.every_steps, cp.every_minutes, cp.keep,
-                                                best_folder if best else None),
-                 *extra_callbacks]
-    if evaluation.early_stopping_patience:
-        from transformers import EarlyStoppingCallback
-
-        callbacks.append(EarlyStoppingCallback(evaluation.early_stopping_patience, evaluation.early_stopping_threshold))
+    best = checkpoint.best_adapter_callback(best_folder, spec.resume_from) if settings.eval.strategy != "no" else None
     trainer = SFTTrainer(model=model, processing_class=tokenizer, train_dataset=dataset, eval_dataset=eval_dataset,
-                         args=sft_config(settings, spec.checkpoint_dir, cuda, plan), callbacks=callbacks)
+                         args=sft_config(settings, spec.checkpoint_dir, cuda, plan),
+                         callbacks=callbacks(spec, progress, stop, best, best_folder, extra_callbacks))
     trainer.remove_callback(PrinterCallback)  # Progress logs through structlog; the printer would repeat it as dicts
     order_rows_by_epoch(trainer, settings.train.seed)
     if plan.cuda_graphs:  # a shape of fewer rows would be recorded (or compiled) once more
@@ -474,75 +497,116 @@ def train(spec: TrainSpec, on_progress=None, extra_callbacks: tuple = ()) -> Tra
     # The run's length from the real data loader (after TRL's packing, on this worker's share of the rows).
     length = planning.duration(settings.train, len(trainer.get_train_dataloader()), plan.gradient_accumulation_steps)
     trainer.args.max_steps = length.steps
-    log_training_plan(plan, length, len(dataset), spec.mean_row_tokens, fit)
+    log_training_plan(plan, length, len(dataset), spec.mean_row_tokens, fitted)
     labels = check_labels(trainer, chat.end_of_turn_id(tokenizer), allow_cut_turns=settings.data.overlength == "truncate")
     log.info("label check passed", **labels)
+    return Session(spec=spec, trainer=trainer, model=model, tokenizer=tokenizer, plan=plan, fit=fitted, length=length,
+                   labels=labels, progress=progress, stop=stop, best=best, best_folder=best_folder, cache_bytes=cache_bytes,
+                   model_load_s=model_load_s, rows=len(dataset), eval_rows=len(eval_dataset) if eval_dataset is not None else 0)
 
-    eval_before = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
-    if cuda:
+
+def callbacks(spec: TrainSpec, progress, stop: checkpoint.StopRequest, best, best_folder: Path, extra: tuple) -> list:
+    """Progress, the best adapter, checkpoints on schedule and on SIGTERM, early stopping, then the caller's."""
+    cp, evaluation = spec.settings.checkpoint, spec.settings.eval
+    found = [progress, *([best] if best else []),
+             checkpoint.checkpoint_callback(stop, spec.run_uri, cp.every_steps, cp.every_minutes, cp.keep,
+                                            best_folder if best else None),
+             *extra]
+    if evaluation.early_stopping_patience:
+        from transformers import EarlyStoppingCallback
+
+        found.append(EarlyStoppingCallback(evaluation.early_stopping_patience, evaluation.early_stopping_threshold))
+    return found
+
+
+def fit(session: Session) -> float:
+    """Evaluate once before, then train (resuming the spec's checkpoint): the seconds it took. A stop request,
+    a non-finite loss or running out of GPU memory ends it with that exit code."""
+    import torch
+
+    trainer, plan, fitted, spec = session.trainer, session.plan, session.fit, session.spec
+    session.eval_before = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
+    if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     started = time.perf_counter()
     previous = (signal.getsignal(signal.SIGTERM), signal.getsignal(signal.SIGINT))
-    stop.install()
+    session.stop.install()
     try:
         trainer.train(resume_from_checkpoint=str(spec.resume_from) if spec.resume_from else None)
     except torch.OutOfMemoryError:
-        planned = (f" ({plan.per_device_batch_size} rows x {fit.micro_batch_tokens // plan.per_device_batch_size} tokens, "
-                   f"estimated peak {fit.peak_gpu_memory_gib} GiB of {fit.budget_gib} planned)") if fit else ""
+        planned = (f" ({plan.per_device_batch_size} rows x {fitted.micro_batch_tokens // plan.per_device_batch_size} tokens, "
+                   f"estimated peak {fitted.peak_gpu_memory_gib} GiB of {fitted.budget_gib} planned)") if fitted else ""
         raise OutOfMemory(f"out of GPU memory at step {trainer.state.global_step}{planned}: "
-                          f"{planning.out_of_memory_advice(plan, fit, settings.model.max_seq_length)}") from None
+                          f"{planning.out_of_memory_advice(plan, fitted, spec.settings.model.max_seq_length)}") from None
     finally:
         signal.signal(signal.SIGTERM, previous[0])
         signal.signal(signal.SIGINT, previous[1])
     seconds = time.perf_counter() - started
-    if stop.signal is not None:
-        raise Terminated(f"stopped by {signal.Signals(stop.signal).name} at step {trainer.state.global_step}; "
+    if session.stop.signal is not None:
+        raise Terminated(f"stopped by {signal.Signals(session.stop.signal).name} at step {trainer.state.global_step}; "
                          "checkpoint uploaded, a retry of this run resumes from it")
-    if progress.non_finite:
-        step, loss, grad_norm = progress.non_finite
+    if session.progress.non_finite:
+        step, loss, grad_norm = session.progress.non_finite
         raise NonFiniteLoss(
             f"non-finite loss {loss} (grad norm {grad_norm}) at step {step}: lower QLORA_TRAIN__LEARNING_RATE or check the data"
         )
+    return seconds
 
+
+def keep_best(session: Session) -> float | None:
+    """Eval loss after training; with evaluations during training the lowest one's adapter replaces the last."""
+    from job import engine
+
+    trainer, best, progress = session.trainer, session.best, session.progress
     steps = trainer.state.global_step
-    stopped_early = steps < length.steps
     if best is not None and progress.eval_curve and progress.eval_curve[-1]["step"] == steps:  # evaluated at the last step already
         eval_after = progress.eval_curve[-1]["eval_loss"]
     else:
-        eval_after = trainer.evaluate()["eval_loss"] if eval_dataset is not None else None
+        eval_after = trainer.evaluate()["eval_loss"] if trainer.eval_dataset is not None else None
     if best is not None and best.best is not None and best.best["eval_loss"] < eval_after:
         if trainer.is_world_process_zero():  # the one process that saves: it publishes the best adapter, not the last
-            engine.load_adapter_weights(model, best_folder)
+            engine.load_adapter_weights(session.model, session.best_folder)
             log.info("keeping the best adapter, not the last", best_step=best.best["step"], best_eval_loss=best.best["eval_loss"],
-                     last_step=steps, last_eval_loss=eval_after, folder=str(best_folder))
+                     last_step=steps, last_eval_loss=eval_after, folder=str(session.best_folder))
         eval_after = best.best["eval_loss"]
     elif best is not None:
         best.best = {"step": steps, "eval_loss": eval_after}
-    if stopped_early:
-        log.info("stopped early: no lower eval loss", step=steps, planned_steps=length.steps,
-                 patience=evaluation.early_stopping_patience)
-    if trainer.is_world_process_zero():
-        if cache_bytes is not None:
-            compile_cache.save(settings.output_uri, cache_bytes)
-        spec.adapter_dir.mkdir(parents=True, exist_ok=True)
-        model.save_pretrained(str(spec.adapter_dir), safe_serialization=True)
-        tokenizer.save_pretrained(str(spec.adapter_dir))
-        chat.generation_config(model, tokenizer).save_pretrained(str(spec.adapter_dir))
+    if steps < session.length.steps:
+        log.info("stopped early: no lower eval loss", step=steps, planned_steps=session.length.steps,
+                 patience=session.spec.settings.eval.early_stopping_patience)
+    return eval_after
 
-    curve, tokens = progress.curve, int(trainer.state.num_input_tokens_seen)
-    steady = steady_tokens_per_second(progress.steps)
+
+def finish(session: Session, seconds: float) -> TrainMetrics:
+    """Keep the best adapter, save it (global rank 0) with its tokenizer and generation config, and report."""
+    import torch
+
+    spec, trainer, plan, fitted, progress = session.spec, session.trainer, session.plan, session.fit, session.progress
+    eval_after = keep_best(session)
+    if trainer.is_world_process_zero():
+        if session.cache_bytes is not None:
+            compile_cache.save(spec.settings.output_uri, session.cache_bytes)
+        spec.adapter_dir.mkdir(parents=True, exist_ok=True)
+        session.model.save_pretrained(str(spec.adapter_dir), safe_serialization=True)
+        session.tokenizer.save_pretrained(str(spec.adapter_dir))
+        chat.generation_config(session.model, session.tokenizer).save_pretrained(str(spec.adapter_dir))
+    steps, curve, tokens = trainer.state.global_step, progress.curve, int(trainer.state.num_input_tokens_seen)
+    steady, cuda = steady_tokens_per_second(progress.steps), torch.cuda.is_available()
     return TrainMetrics(
-        engine=spec.engine, steps=steps, resumed_from=spec.resume_from.name if spec.resume_from else None, rows=len(dataset),
-        mean_row_tokens=spec.mean_row_tokens, loss_first=curve[0]["loss"] if curve else None,
+        engine=spec.engine, steps=steps, resumed_from=spec.resume_from.name if spec.resume_from else None,
+        rows=session.rows, mean_row_tokens=spec.mean_row_tokens, loss_first=curve[0]["loss"] if curve else None,
         loss_last=curve[-1]["loss"] if curve else None, loss_curve=curve,
-        eval_rows=len(eval_dataset) if eval_dataset is not None else 0, eval_loss_before=eval_before, eval_loss_after=eval_after,
+        eval_rows=session.eval_rows,
+        eval_loss_before=session.eval_before, eval_loss_after=eval_after,
         train_tokens=tokens, train_seconds=round(seconds, 3), tokens_per_second=round(tokens / seconds, 1) if seconds else None,
         steady_tokens_per_second=round(steady, 1) if steady else None, tokens_per_step=round(tokens / max(steps, 1)),
         step_seconds=_step_seconds(progress.start, progress.steps), batch_plan=plan.as_dict(),
         peak_gpu_memory_gib=round(torch.cuda.max_memory_allocated() / 2**30, 3) if cuda else None,
-        world_size=ranks.world_size, cpu_threads=torch.get_num_threads(), label_check=labels, model_load_s=model_load_s,
-        duration=length.as_dict(), epochs_trained=round(trainer.state.epoch, 4) if trainer.state.epoch is not None else None,
-        eval_curve=progress.eval_curve, best=best.best if best else None, stopped_early=stopped_early,
-        first_step_at_s=progress.first_step_at, memory_fit=fit.as_dict() if fit else None,
-        estimated_train_seconds=fit.train_seconds(steps * plan.gradient_accumulation_steps, tokens) if fit else None,
+        world_size=distributed.ranks().world_size, cpu_threads=torch.get_num_threads(), label_check=session.labels,
+        model_load_s=session.model_load_s, duration=session.length.as_dict(),
+        epochs_trained=round(trainer.state.epoch, 4) if trainer.state.epoch is not None else None,
+        eval_curve=progress.eval_curve, best=session.best.best if session.best else None,
+        stopped_early=steps < session.length.steps, first_step_at_s=progress.first_step_at,
+        memory_fit=fitted.as_dict() if fitted else None,
+        estimated_train_seconds=fitted.train_seconds(steps * plan.gradient_accumulation_steps, tokens) if fitted else None,
     )
