@@ -35,7 +35,7 @@ def run(settings: Settings, run_id: str, push) -> ExitCode:
     bind(run_id=run_id, stage="start")
     log.info("run starting", output=run_uri, dataset=settings.dataset_uri, model=settings.model.name)
     published = publish.find_manifest(run_uri)  # a retried pod of a finished run, or a reused run_id
-    gguf_converter = export.check_settings(settings)
+    gguf_converter = export.check_settings(settings.export)
     observe.check_report_to(settings.metrics.report_to)
     with observe.metrics_file(out / "metrics.json", run_id) as metrics:
         stage = Stages(metrics.timings)
@@ -110,7 +110,7 @@ def train_worker_command(spec_path: Path) -> ExitCode:
     configure_logging(spec.settings.log_format, spec.settings.log_level)
     bind(stage="train", rank=distributed.ranks().rank)
     try:
-        metrics = train.train(spec, on_progress=observe.pusher(spec.settings, spec.run_id).update)
+        metrics = train.train(spec, on_progress=observe.pusher(spec.settings.metrics, spec.run_id).update)
     finally:
         distributed.leave_process_group()  # exiting with the group alive can abort the process (SIGABRT)
     if distributed.ranks().rank == 0:
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> int:
         from job import observe
 
         run_id = settings.run_id or new_run_id()
-        push, started = observe.pusher(settings, run_id), time.perf_counter()
+        push, started = observe.pusher(settings.metrics, run_id), time.perf_counter()
         try:
             code = run(settings, run_id, push)
         except BaseException as error:  # the final push reports failures too; main's handlers below map them

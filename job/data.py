@@ -469,9 +469,8 @@ def fetch_inputs(settings: Settings, folder: Path) -> tuple[list[Shard], list[Sh
     return dataset, eval_set
 
 
-def validate(shards: list[Shard], uri: str, work: Path, settings: Settings) -> DataReport:
+def validate(shards: list[Shard], uri: str, work: Path, data: DataSettings) -> DataReport:
     """Validate one dataset (its rejects logged) and check its share of bad rows."""
-    data = settings.data
     report = validate_dataset(shards, work, max_line_bytes=data.max_line_bytes, system_prompt=data.system_prompt,
                               max_compression_ratio=data.max_compression_ratio)
     report.source = uri
@@ -486,7 +485,7 @@ def validate(shards: list[Shard], uri: str, work: Path, settings: Settings) -> D
 def validate_inputs(settings: Settings, inputs: tuple[list[Shard], list[Shard] | None], work: Path) -> tuple[DataReport, DataReport | None]:
     """Validate the dataset and the eval set; raise a DataError past the allowed share of bad rows."""
     dataset, eval_set = inputs
-    report = validate(dataset, settings.dataset_uri, work, settings)
+    report = validate(dataset, settings.dataset_uri, work, settings.data)
     if eval_set is None:
         return report, None
-    return report, validate(eval_set, settings.eval.dataset_uri, work / "eval", settings)
+    return report, validate(eval_set, settings.eval.dataset_uri, work / "eval", settings.data)

@@ -9,17 +9,16 @@ from pathlib import Path
 from job import engine
 from job.errors import ConfigError, ExportError
 from job.logs import get_logger
-from job.settings import Settings
+from job.settings import ExportSettings, Settings
 
 log = get_logger(__name__)
 CONVERTER = "convert_hf_to_gguf.py"
 LORA_CONVERTER = "convert_lora_to_gguf.py"  # beside it in llama.cpp (and in the llama-cpp-python sdist)
 
 
-def check_settings(settings: Settings) -> Path | None:
+def check_settings(export: ExportSettings) -> Path | None:
     """Fail fast, before training: GGUF needs the merged model, and `require` needs the converter.
     Returns the converter's path when GGUF will be made."""
-    export = settings.export
     if export.gguf == "off":
         return None
     if not export.merged:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 from job.errors import ConfigError, one_line
 from job.logs import get_logger
-from job.settings import Settings
+from job.settings import MetricsSettings
 
 log = get_logger(__name__)
 JOB_LABEL = "qlora-job"
@@ -60,8 +60,8 @@ class Pusher:
             log.warning("pushgateway push failed", url=self.url, error=one_line(error, 200))
 
 
-def pusher(settings: Settings, run_id: str) -> Pusher:
-    return Pusher(settings.metrics.pushgateway_url, run_id, settings.metrics.push_every_seconds)
+def pusher(metrics: MetricsSettings, run_id: str) -> Pusher:
+    return Pusher(metrics.pushgateway_url, run_id, metrics.push_every_seconds)
 
 
 @dataclass

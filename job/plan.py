@@ -20,23 +20,23 @@ SEED_ROWS_PER_DEVICE, SEED_ACCUMULATION = 2, 4
 # Fewer, larger steps see the same tokens in fewer updates, so the fast recipe's learning rate grows with
 # its rows a step (linear rule: the best of the rules measured at equal tokens, bench/RESULTS.md), capped.
 MAX_LEARNING_RATE_SCALE = 4.0
-# Rows an optimizer step takes at most (all workers together): held-out loss on real weights at equal
-# epochs was +1.8% against the seed recipe at 16 rows, +6.1% at 32 and +140% at 286 (short rows).
+# Rows an optimizer step takes at most (all workers together): the most that kept held-out loss on real weights
+# within 2% of the seed recipe's at equal epochs (bench/RESULTS.md, "Recipe quality on real weights").
 MAX_ROWS_PER_STEP = 16
 ROW_TOKENS_BEFORE_MEASURING = 512  # mean row length assumed when the data has not been tokenized yet
 # Every new micro-batch length costs an attention plan the first time a GPU sees it; lengths padded to a
 # multiple of this repeat early, for a little more padding.
 CUDA_PAD_MULTIPLE = 64
 # CUDA graphs per decoder block (Unsloth's UNSLOTH_BLOCK_CUDAGRAPHS): a step replays recorded kernels instead
-# of launching ~6k of them from Python (run 30: median step 0.150 s against 0.273 s at 16 rows of ~573
-# tokens, the same losses to 3 digits). Each new batch shape is recorded once (~2 s), so lengths are padded
-# to 128 to meet fewer; past Unsloth's cap of shapes a layer kind compiles again without graphs (~13 s).
+# of launching thousands of them from Python (bench/RESULTS.md runs 30-32). Each new batch shape is recorded
+# once, so lengths are padded to 128 to meet fewer: 2,048 / 128 = 16 lengths at most, Unsloth's cap of shapes,
+# past which a layer kind compiles again without graphs.
 CUDA_GRAPHS_PAD_MULTIPLE = 128
 CUDA_GRAPH_SHAPES = 16
 SEED_MAX_STEPS = 60  # the tutorial's run length
-# The fast recipe's length when neither epochs nor steps are set: 3 passes took SmolLM2-135M's held-out loss
-# on invented facts from 1.95 to 0.65 (bench/RESULTS.md runs 25-27), and a length in epochs grows with the data
-# (a fixed 60 steps trained 3% of a 50k-row set, or a 100-row set 17 times over).
+# The fast recipe's length when neither epochs nor steps are set: a length in epochs grows with the data (60
+# steps of 16 rows = 960 rows: 2% of a 50k-row set, a 100-row set 10 times over); 3 passes taught SmolLM2-135M
+# invented facts (bench/RESULTS.md runs 25-27).
 DEFAULT_EPOCHS = 3.0
 
 
@@ -152,7 +152,7 @@ def batch_plan(train: TrainSettings, max_seq_length: int = 2048, mean_row_tokens
 # --- Memory and time: one model for any Qwen/Llama-shaped model on any card ---
 # Fitted on peaks that bench/memory_probe.py measured through engine.load_for_training (Unsloth, 4-bit base,
 # LoRA r=16 on the 7 projections) at 0.6B, 4B and 8B shapes and 4k-33k-token micro-batches, on one H200
-# (bench/RESULTS.md, "Memory model"): every estimate within 3.1% of its measured peak.
+# (bench/RESULTS.md, "Memory model"; tests/test_plan.py holds the peaks and checks the estimates).
 GiB = 1 << 30
 NF4_BYTES = 0.5 * (1 + 1 / 32)  # 4 bits a weight plus its double-quantised block scales
 LORA_BYTES = 16  # fp32 weight, gradient and two Adam moments per LoRA parameter
@@ -162,8 +162,8 @@ LORA_BYTES = 16  # fp32 weight, gradient and two Adam moments per LoRA parameter
 ACTIVATIONS = {False: (1.05e9, 9.09, 0.0, 3.05), True: (1.0e8, 0.379, 14.2, 0.197)}
 # Per-block CUDA graphs keep each recorded shape's buffers in private pools. Without checkpointing those are the
 # activations a step keeps anyway, plus about one decoder block's worth; with it, the pools keep most of what
-# checkpointing would have freed: 0.74 of every block's activations (runs 30-32 and issue 30's 0.6B at 24 GiB,
-# bench/RESULTS.md). Blocks' activations = layers x tokens x 9.09 x intermediate, the no-checkpointing term above.
+# checkpointing would have freed, a share of every block's activations (bench/RESULTS.md, "Memory model").
+# Blocks' activations = layers x tokens x 9.09 x intermediate, the no-checkpointing term above.
 GRAPH_POOL_BLOCKS = {False: 1.0, True: 0.74}  # with checkpointing: a share of all layers, not a count of blocks
 HEADROOM = (0.85, 0.5)  # plan within 85% of the free memory less 0.5 GiB: allocator fragmentation, CUDA context
 # A step's host cost (Python, kernel launches) and the share of the card's dense bf16 peak a step reaches,
@@ -171,7 +171,7 @@ HEADROOM = (0.85, 0.5)  # plan within 85% of the free memory less 0.5 GiB: alloc
 HOST_SECONDS_PER_STEP = 0.092
 FLOPS_EFFICIENCY = 0.52
 TIME_MODEL_MIN_TOKENS = 4096  # the smallest micro-batch those probes timed
-# Replaying recorded kernels leaves about 0.3 of a step's host cost (run 30: 0.273 s -> 0.150 s a step at 0.6B).
+# Replaying recorded kernels leaves about 0.3 of a step's host cost (bench/RESULTS.md runs 30-32).
 GRAPHS_HOST_SHARE = 0.3
 # Cards batch clusters hand out: memory as CUDA reports it (GiB; the datasheets' 80, 141, 40, 48 and 24 GB) and
 # dense bf16 tensor FLOP/s without sparsity, from NVIDIA's datasheets. The A10G (AWS) has no datasheet of its own:

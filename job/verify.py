@@ -8,20 +8,20 @@ from pathlib import Path
 
 from job.errors import ConfigError, VerifyError
 from job.logs import get_logger
-from job.settings import Settings
+from job.settings import Settings, VerifySettings
 
 log = get_logger(__name__)
 
 
-def build_probes(settings: Settings, train_path: Path) -> list[dict]:
+def build_probes(verify: VerifySettings, train_path: Path) -> list[dict]:
     """Probe prompts: the user's QLORA_VERIFY__PROMPTS plus the first few training prompts."""
     probes = [{"messages": [{"role": "user", "content": p.prompt}], "expected": p.expected, "source": "settings"}
-              for p in settings.verify.prompts]
+              for p in verify.prompts]
     with open(train_path, encoding="utf-8") as f:
-        for _, line in zip(range(settings.verify.train_probes), f, strict=False):
+        for _, line in zip(range(verify.train_probes), f, strict=False):
             row = json.loads(line)
             answer = row["completion"][0]["content"]
-            probes.append({"messages": row["prompt"], "expected": answer if settings.verify.expect_memorised else None,
+            probes.append({"messages": row["prompt"], "expected": answer if verify.expect_memorised else None,
                            "reference": answer, "source": f"train line {row['line']}"})
     return probes
 
@@ -48,8 +48,8 @@ def same_text(answer: str, expected: str) -> bool:
 def verify_run(settings: Settings, model, tokenizer, train_path: Path, out: Path):
     """The gate stage on the saved adapter reloaded into a fresh base model (engine.reloaded): probe it,
     write out/verify.json. Returns (probes, report) for the merged model's gate."""
-    probes = build_probes(settings, train_path)
-    report = verify_adapter(model, tokenizer, probes, out.parent / "verify.json", settings)
+    probes = build_probes(settings.verify, train_path)
+    report = verify_adapter(model, tokenizer, probes, out.parent / "verify.json", settings.verify)
     (out.parent / "verify.json").replace(out / "verify.json")  # published only when it passed
     return probes, report
 
@@ -77,7 +77,7 @@ def generate(model, tokenizer, messages: list[dict], max_new_tokens: int, stop: 
     return {"text": tokenizer.decode(new_tokens, skip_special_tokens=True).strip(), "tokens": len(new_tokens), "ended": end is not None}
 
 
-def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, settings: Settings) -> dict:
+def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, verify: VerifySettings) -> dict:
     """Run every probe with and without the adapter, write the report to report_path, and
     raise VerifyError if a gate fails."""
     if not probes:
@@ -86,7 +86,7 @@ def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, sett
 
     results, stop = [], stop_token_ids(tokenizer)
     for probe in probes:
-        budget = token_budget(settings.verify.max_new_tokens, tokenizer, probe.get("reference") or probe["expected"])
+        budget = token_budget(verify.max_new_tokens, tokenizer, probe.get("reference") or probe["expected"])
         tuned = generate(model, tokenizer, probe["messages"], budget, stop)
         with model.disable_adapter():
             base = generate(model, tokenizer, probe["messages"], budget, stop)
@@ -99,7 +99,7 @@ def verify_adapter(model, tokenizer, probes: list[dict], report_path: Path, sett
         results.append(result)
         log.info("probe", prompt=result["prompt"][:80], answer=result["answer"][:120], ended=tuned["ended"])
 
-    return _gate(results, report_path, settings, "verification")
+    return _gate(results, report_path, verify, "verification")
 
 
 def verify_merged(model, tokenizer, probes: list[dict], adapter_report: dict, report_path: Path, settings: Settings) -> dict:
@@ -114,10 +114,10 @@ def verify_merged(model, tokenizer, probes: list[dict], adapter_report: dict, re
                         "adapter_answer": earlier["answer"],
                         "matches_expected": None if probe["expected"] is None else same_text(merged["text"], probe["expected"])})
         log.info("merged probe", prompt=results[-1]["prompt"][:80], answer=merged["text"][:120], ended=merged["ended"])
-    return _gate(results, report_path, settings, "merged model verification")
+    return _gate(results, report_path, settings.verify, "merged model verification")
 
 
-def _gate(results: list[dict], report_path: Path, settings: Settings, what: str) -> dict:
+def _gate(results: list[dict], report_path: Path, verify: VerifySettings, what: str) -> dict:
     """Gates shared by the adapter and the merged model; writes the report and raises on failure."""
     failures = []
     for i, r in enumerate(results):
@@ -127,7 +127,7 @@ def _gate(results: list[dict], report_path: Path, settings: Settings, what: str)
             failures.append(f"probe {i}: no end-of-turn within {r['max_new_tokens']} tokens")
         if r["matches_expected"] is False:
             failures.append(f"probe {i}: answer differs from the expected one")
-    if settings.verify.require_change and results and all(r["answer"] == r["base_answer"] for r in results):
+    if verify.require_change and results and all(r["answer"] == r["base_answer"] for r in results):
         failures.append("the adapter changed no answer of the base model")
     report = {"passed": not failures, "failures": failures, "probes": results}
     report_path.write_text(json.dumps(report, ensure_ascii=False, indent=2), encoding="utf-8")
