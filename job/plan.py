@@ -166,13 +166,16 @@ ACTIVATIONS = {False: (1.05e9, 9.09, 0.0, 3.05), True: (1.0e8, 0.379, 14.2, 0.19
 # Blocks' activations = layers x tokens x 9.09 x intermediate, the no-checkpointing term above.
 GRAPH_POOL_BLOCKS = {False: 1.0, True: 0.74}  # with checkpointing: a share of all layers, not a count of blocks
 HEADROOM = (0.85, 0.5)  # plan within 85% of the free memory less 0.5 GiB: allocator fragmentation, CUDA context
-# A step's host cost (Python, kernel launches) and the share of the card's dense bf16 peak a step reaches,
-# fitted on the same probes: step = 0.092 s + tokens x FLOPs a token / (0.52 x peak).
-HOST_SECONDS_PER_STEP = 0.092
+# A micro-batch's time = a fixed host cost (Python, kernel launches, the Trainer's bookkeeping) + its tokens' FLOPs
+# at a share of the card's dense bf16 peak. The share is fitted on the probes (a bare training loop: 0.092 s of host
+# a step there); the host cost on the job's own steps, where a 0.6B step at 16 rows is nearly all host
+# (bench/RESULTS.md, "Memory model" and runs 29-31).
+HOST_SECONDS_PER_STEP = 0.23
 FLOPS_EFFICIENCY = 0.52
 TIME_MODEL_MIN_TOKENS = 4096  # the smallest micro-batch those probes timed
-# Replaying recorded kernels leaves about 0.3 of a step's host cost (bench/RESULTS.md runs 30-32).
-GRAPHS_HOST_SHARE = 0.3
+# Replaying recorded kernels leaves about half of a step's host cost (0.6B at 16 rows: 0.273 s -> 0.150 s a step).
+GRAPHS_HOST_SHARE = 0.47
+GRAPHS_MARGIN = 0.05
 # Cards batch clusters hand out: memory as CUDA reports it (GiB; the datasheets' 80, 141, 40, 48 and 24 GB) and
 # dense bf16 tensor FLOP/s without sparsity, from NVIDIA's datasheets. The A10G (AWS) has no datasheet of its own:
 # the A10's 125 TFLOP/s.
@@ -246,16 +249,16 @@ def graph_pool_bytes(shape: ModelShape, micro_batch_tokens: int, checkpointing: 
     return GRAPH_POOL_BLOCKS[checkpointing] * (shape.layers if checkpointing else 1) * per_block
 
 
-def estimated_step_seconds(shape: ModelShape, tokens: float, checkpointing: bool, flops: float, cuda_graphs: bool = False) -> float:
-    """One optimizer step of this many tokens on a card of `flops` dense bf16 FLOP/s."""
-    host = HOST_SECONDS_PER_STEP * (GRAPHS_HOST_SHARE if cuda_graphs else 1)
-    return host + tokens * shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops)
+def estimated_step_seconds(shape: ModelShape, tokens: float, checkpointing: bool, flops: float, cuda_graphs: bool = False,
+                           host: float = HOST_SECONDS_PER_STEP) -> float:
+    """One micro-batch of this many tokens on a card of `flops` dense bf16 FLOP/s."""
+    return host * (GRAPHS_HOST_SHARE if cuda_graphs else 1) + tokens * shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops)
 
 
 def estimated_train_seconds(shape: ModelShape, steps: int, micro_batches_per_step: int, tokens: float, checkpointing: bool,
-                            flops: float) -> float:
+                            flops: float, cuda_graphs: bool = False) -> float:
     """A run's training time: every micro-batch's host cost plus its tokens' FLOPs at the fitted share of the card's peak."""
-    return round(steps * micro_batches_per_step * HOST_SECONDS_PER_STEP
+    return round(steps * micro_batches_per_step * HOST_SECONDS_PER_STEP * (GRAPHS_HOST_SHARE if cuda_graphs else 1)
                  + tokens * shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops), 1)
 
 
@@ -324,8 +327,9 @@ def fit_to_card(plan: BatchPlan, shape: ModelShape, row_tokens: int, free_gib: f
                and (not g or cuda_graphs or host_bound(shape, r * row_tokens, flops))]
     # Below the micro-batches the time model was fitted on its figures are guesses: those are a last resort.
     measured = [o for o in fitting if o[0] * row_tokens >= TIME_MODEL_MIN_TOKENS or o[0] == plan.per_device_batch_size]
-    rows, ckpt, graphs = (min(measured, key=lambda o: (step_seconds(*o), -o[0])) if measured else fitting[0] if fitting
-                          else (rows_options[-1], choices[-1], graph_choices[0]))
+    # Graphs must win by GRAPHS_MARGIN: their pools and recordings are the least measured part of the model.
+    rows, ckpt, graphs = (min(measured, key=lambda o: (step_seconds(*o) * (1 + GRAPHS_MARGIN * o[2]), -o[0])) if measured
+                          else fitting[0] if fitting else (rows_options[-1], choices[-1], graph_choices[0]))
     tokens = rows * row_tokens
     bound = host_bound(shape, tokens, flops)
     accumulation = plan.gradient_accumulation_steps * plan.per_device_batch_size // rows

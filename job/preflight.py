@@ -121,6 +121,7 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer,
                               f"{gpu} ({card_gib} GiB, {flops / 1e12:g} dense bf16 TFLOP/s): an estimate, not a measurement",
                      "gpu": gpu, "free_gib": round(free_gib, 1), "model_params": shape.params,
                      "train_seconds": planning.estimated_train_seconds(
-                         shape, length.steps, batch.gradient_accumulation_steps, epoch_tokens * length.planned_epochs, checkpointing, flops),
+                         shape, length.steps, batch.gradient_accumulation_steps, epoch_tokens * length.planned_epochs, checkpointing, flops,
+                         batch.cuda_graphs),
                      "peak_gpu_memory_gib": peak},
     }

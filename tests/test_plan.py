@@ -146,11 +146,15 @@ def test_the_memory_model_is_within_20_percent_of_each_measured_peak(shape, chec
     assert abs(estimate / peak - 1) <= 0.20, (estimate, peak)
 
 
+PROBE_HOST_SECONDS = 0.092  # the probes' bare loop: no Trainer, no data loader, no callbacks
+
+
 def test_the_step_time_model_follows_the_measured_steps():
-    """Host cost plus FLOPs at the fitted share of the H200's peak: within 35% of every probe step, within 25% of
+    """Host cost (the bare loop's) plus FLOPs at the fitted share of the H200's peak: within 35% of every probe step, within 25% of
     every step that the GPU's arithmetic dominates (4B and 8B at 9k tokens and more)."""
     for shape, checkpointing, tokens, _, step in MEASURED:
-        estimate = estimated_step_seconds(ModelShape.from_config(QWEN3[shape]), tokens, checkpointing, GPUS["H200"][1])
+        estimate = estimated_step_seconds(ModelShape.from_config(QWEN3[shape]), tokens, checkpointing, GPUS["H200"][1],
+                                          host=PROBE_HOST_SECONDS)
         assert abs(estimate / step - 1) <= (0.25 if shape != "0.6b" and tokens >= 9216 else 0.35), (shape, checkpointing, tokens, estimate, step)
 
 
@@ -202,7 +206,7 @@ def test_the_fastest_fitting_choice_is_taken_and_its_time_recorded():
     fitted, fit = fit_to_card(plan, shape, 640, 22.0, GPUS["L4"][1])
     assert (fitted.per_device_batch_size, fit.gradient_checkpointing) == (16, True)
     # the run's time from the same model: micro-batches x host cost + tokens x GPU seconds a token
-    assert fit.train_seconds(100, 1e6) == round(100 * 0.092 + 1e6 * shape.flops_per_token(True) / (0.52 * GPUS["L4"][1]), 1)
+    assert fit.train_seconds(100, 1e6) == round(100 * 0.23 + 1e6 * shape.flops_per_token(True) / (0.52 * GPUS["L4"][1]), 1)
     assert fit.card == "H100" and fit_to_card(plan, shape, 640, 22.0, GPUS["L4"][1], card_name="L4")[1].card == "L4"
 
 
