@@ -231,3 +231,25 @@ def test_out_of_memory_names_the_setting_and_a_value_that_fits():
     fitted, fit = fit_to_card(plan, ModelShape.from_config(QWEN3["8b"]), 640, 22.0, GPUS["L4"][1])
     assert out_of_memory_advice(fitted, fit, 2048) == ("set QLORA_TRAIN__PER_DEVICE_BATCH_SIZE=8 and "
                                                        "QLORA_TRAIN__GRADIENT_ACCUMULATION_STEPS=2 (the same rows a step)")
+
+
+def test_the_readmes_card_table_is_what_the_plan_chooses():
+    """README "Which card for which model" is this model's output for Qwen3 and Llama shapes: it cannot drift."""
+    from job.plan import CUDA_CONTEXT_GIB
+    from tests.conftest import REPO
+
+    models = {"Qwen3-0.6B": QWEN3["0.6b"], "Qwen3-4B": QWEN3["4b"], "Qwen3-8B": QWEN3["8b"],
+              "Llama-3.1-8B": {**QWEN3["8b"], "intermediate_size": 14336, "num_hidden_layers": 32, "vocab_size": 128256}}
+    cards = {"L4 / A10G (24 GB)": "L4", "L40S (48 GB)": "L40S", "A100 80GB": "A100-80GB", "H100 (80 GB)": "H100"}
+    plan = batch_plan(TrainSettings(), mean_row_tokens=573, cuda=True)
+
+    def cell(config, gpu):
+        name, memory, flops = card(gpu)
+        fitted, fit = fit_to_card(plan, ModelShape.from_config(config), 640, memory - CUDA_CONTEXT_GIB, flops, card_name=name)
+        rows = "16 rows" if fitted.per_device_batch_size == 16 else f"{fitted.per_device_batch_size} rows x {fitted.gradient_accumulation_steps}"
+        return (f"{'ckpt' if fit.gradient_checkpointing else 'no ckpt'}{', graphs' if fit.cuda_graphs else ''}, {rows}, "
+                f"{fit.peak_gpu_memory_gib:.0f} GiB, ~{16 * 573 / fit.step_seconds / 1000:.0f}k tok/s")
+
+    rows = ["| model | " + " | ".join(cards) + " |", "| --- |" + " --- |" * len(cards)]
+    rows += [f"| {model} | " + " | ".join(cell(config, gpu) for gpu in cards.values()) + " |" for model, config in models.items()]
+    assert "\n".join(rows) in (REPO / "README.md").read_text()
