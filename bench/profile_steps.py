@@ -1,0 +1,92 @@
+"""Where a step's time goes on the job's default path (issue 31): torch.profiler over step 1 (recordings,
+compiles, first allocations) and over three steady steps, on the anchor's Qwen3-0.6B shape and 3,000
+learnable rows, through the job's own stages (rows.prepare, train.prepare, train.train).
+
+    python bench/profile_steps.py OUTDIR      (after `gpu_anchor.py prepare`)
+
+Writes OUTDIR/profile.json (per window: wall and GPU-busy seconds a step, idle share, kernels a step, time by
+kernel kind, the longest host gaps between kernels) and OUTDIR/profile-<window>.txt (top kernels)."""
+
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.update(HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1", HF_DATASETS_OFFLINE="1", UNSLOTH_DISABLE_STATISTICS="1")
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+sys.path.insert(0, str(HERE))
+
+import torch  # noqa: E402
+from gpu_bench import DATA, learnable_rows  # noqa: E402
+from gpu_sweep import MODEL_DIR, summarise  # noqa: E402  (imports torch and unsloth first)
+from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
+
+from job import data, rows, train  # noqa: E402
+from job.settings import Settings  # noqa: E402
+
+
+class Windows(TrainerCallback):
+    """A profiler over each (name, first step, steps) window of optimizer steps."""
+
+    def __init__(self, windows: list[tuple[str, int, int]], out: Path):
+        self.windows, self.out, self.active, self.summaries = windows, out, None, {}
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        for name, start, count in self.windows:
+            if state.global_step == start and self.active is None:
+                torch.cuda.synchronize()
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                profiler.__enter__()
+                self.active = (name, start + count, count, profiler, time.perf_counter())
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.active is None or state.global_step < self.active[1]:
+            return
+        name, _, count, profiler, started = self.active
+        torch.cuda.synchronize()
+        wall = time.perf_counter() - started
+        profiler.__exit__(None, None, None)
+        folder = self.out / name
+        folder.mkdir(parents=True, exist_ok=True)
+        try:
+            self.summaries[name] = {**summarise(profiler, wall, count, folder), "host_gaps_ms": host_gaps(profiler)}
+        except Exception as error:  # a summary bug must not lose the run
+            self.summaries[name] = {"error": repr(error), "wall_s": wall}
+        self.active = None
+
+
+def host_gaps(profiler, top: int = 8) -> list[float]:
+    """The longest stretches (ms) with no kernel running on the GPU: where the host kept it waiting."""
+    from torch.autograd import DeviceType
+
+    spans = sorted((e.time_range.start, e.time_range.end) for e in profiler.events() if e.device_type == DeviceType.CUDA)
+    gaps, end = [], None
+    for lo, hi in spans:
+        if end is not None and lo > end:
+            gaps.append((lo - end) / 1000)
+        end = hi if end is None else max(end, hi)
+    return [round(g, 2) for g in sorted(gaps, reverse=True)[:top]]
+
+
+def main(out: Path) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    source = out / "learnable.jsonl"
+    source.write_text(learnable_rows(Path(DATA)))
+    settings = Settings(dataset_uri=str(source), output_uri=str(out / "runs"), work_dir=out / "work", engine="unsloth",
+                        train={"epochs": 1})
+    work = out / "work" / "profile"
+    report = data.validate_dataset(source, work)
+    shaped = rows.prepare(settings, report, None, AutoTokenizer.from_pretrained(MODEL_DIR), work)
+    spec = train.prepare(settings, "unsloth", MODEL_DIR, shaped, work, str(out / "runs" / "profile"), "profile")
+    windows = Windows([("step-1", 0, 1), ("steady", 40, 3)], out)
+    metrics = train.train(spec, extra_callbacks=(windows,))
+    result = {"batch_plan": metrics.batch_plan, "memory_fit": metrics.memory_fit, "steady_tokens_per_second": metrics.steady_tokens_per_second,
+              "first_step_at_s": metrics.first_step_at_s, "model_load_s": metrics.model_load_s, "windows": windows.summaries}
+    (out / "profile.json").write_text(json.dumps(result, indent=1))
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
