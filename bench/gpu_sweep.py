@@ -21,16 +21,11 @@ MODEL_DIR, DATA = "/tmp/qwen3-0.6b-rand", Path("/tmp/sft.jsonl")
 
 import torch  # noqa: E402
 import unsloth  # noqa: E402,F401  (before transformers/trl/peft)
+from profiling import summarise  # noqa: E402  (this script's folder is on sys.path)
 from transformers import TrainerCallback  # noqa: E402
 
 from job import data, engine, train  # noqa: E402
 from job.settings import Settings  # noqa: E402
-
-# Kernel name fragments -> what they do (Unsloth's kernels are Triton; bitsandbytes dequantises NF4).
-CATEGORIES = [("dequant", ("dequant", "kdequant")), ("matmul", ("gemm", "cutlass", "sm90_", "nvjet", "cublas", "matmul")),
-              ("attention", ("flash", "fmha", "attention", "sdpa", "efficient")), ("triton (unsloth)", ("triton",)),
-              ("optimizer", ("optimizer", "adam", "32bit", "8bit")), ("copy/fill", ("memcpy", "memset", "copy", "fill")),
-              ("elementwise/reduce", ("elementwise", "reduce", "vectorized", "unrolled"))]
 
 
 class StepProfiler(TrainerCallback):
@@ -56,35 +51,6 @@ class StepProfiler(TrainerCallback):
             self.summary = summarise(self.prof, wall, self.count, self.out)
         except Exception as error:  # a summary bug must not lose the sweep
             self.summary = {"error": repr(error), "wall_s": wall}
-
-
-def summarise(prof, wall: float, steps: int, out: Path) -> dict:
-    from torch.autograd import DeviceType
-
-    kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
-    spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, end = 0.0, -1.0
-    for lo, hi in spans:  # union of kernel intervals, in microseconds
-        if hi > end:
-            busy += hi - max(lo, end)
-            end = hi
-    by_category: dict[str, float] = {}
-    for e in kernels:
-        name = e.name.lower()
-        category = next((c for c, keys in CATEGORIES if any(k in name for k in keys)), "other")
-        by_category[category] = by_category.get(category, 0.0) + e.time_range.elapsed_us()
-    total = sum(by_category.values()) or 1.0
-    try:
-        table = prof.key_averages().table(sort_by="self_device_time_total", row_limit=35)
-    except Exception:
-        table = prof.key_averages().table(sort_by="self_cuda_time_total", row_limit=35)
-    cpu_table = prof.key_averages().table(sort_by="cpu_time_total", row_limit=25)
-    (out / "profile.txt").write_text(f"{steps} steps, {wall:.3f} s wall\n\nBy GPU self time:\n{table}\n\nBy CPU total:\n{cpu_table}\n")
-    return {
-        "steps": steps, "wall_s_per_step": round(wall / steps, 4), "gpu_busy_s_per_step": round(busy / 1e6 / steps, 4),
-        "gpu_idle_pct": round(100 * (1 - busy / 1e6 / wall), 1), "kernels_per_step": round(len(kernels) / steps),
-        "kernel_time_share_pct": {k: round(100 * v / total, 1) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
-    }
 
 
 def run_variant(name: str, work: Path, train_kw: dict, lora_kw: dict | None = None,

@@ -2,7 +2,8 @@
 compiles, first allocations) and over three steady steps, on the anchor's Qwen3-0.6B shape and 3,000
 learnable rows, through the job's own stages (rows.prepare, train.prepare, train.train).
 
-    python bench/profile_steps.py OUTDIR      (after `gpu_anchor.py prepare`)
+    python bench/profile_steps.py OUTDIR      (after `gpu_anchor.py prepare`; the job imports Unsloth
+                                              itself, so the plan's CUDA graphs are on)
 
 Writes OUTDIR/profile.json (per window: wall and GPU-busy seconds a step, idle share, kernels a step, time by
 kernel kind, the longest host gaps between kernels) and OUTDIR/profile-<window>.txt (top kernels)."""
@@ -20,11 +21,13 @@ sys.path.insert(0, str(HERE))
 
 import torch  # noqa: E402
 from gpu_bench import DATA, learnable_rows  # noqa: E402
-from gpu_sweep import MODEL_DIR, summarise  # noqa: E402  (imports torch and unsloth first)
+from profiling import summarise  # noqa: E402
 from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 
 from job import data, rows, train  # noqa: E402
 from job.settings import Settings  # noqa: E402
+
+MODEL_DIR = "/tmp/qwen3-0.6b-rand"  # gpu_anchor.py prepare's; Unsloth is imported by the job's load, after the plan
 
 
 class Windows(TrainerCallback):
