@@ -216,12 +216,12 @@ def test_a_checkpoint_whose_trainer_state_has_the_wrong_types_does_not_validate(
     import torch
     from safetensors.torch import save_file
 
-    from job.checkpoint import _valid
+    from job.checkpoint import valid_checkpoint
 
     (tmp_path / "trainer_state.json").write_text(state)
     (tmp_path / "adapter_config.json").write_text("{}")
     save_file({"w": torch.zeros(1)}, str(tmp_path / "adapter_model.safetensors"))
-    assert _valid(tmp_path) is False
+    assert valid_checkpoint(tmp_path) is False
 
 
 # --- rows: text that cannot be encoded, and random JSON through parser, converter and tokenizer ---
