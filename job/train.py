@@ -415,7 +415,7 @@ def fit_to_this_card(settings: Settings, source: str, plan: planning.BatchPlan,
         free_gib, flops, checkpointing=None if choice == "auto" else choice != "false", cuda_graphs=train.cuda_graphs,
         per_device_fixed=train.per_device_batch_size is not None, lora_r=settings.lora.r, load_in_4bit=settings.model.load_in_4bit,
         card_name=name)
-    log.info("plan fitted to this card", card=name, free_gib=round(free_gib, 2), longest_row_tokens=longest,
+    log.info("plan fitted to this card", free_gib=round(free_gib, 2), longest_row_tokens=longest,
              per_device_batch_size=fitted.per_device_batch_size, gradient_accumulation_steps=fitted.gradient_accumulation_steps,
              **fit.as_dict())
     return fitted, fit

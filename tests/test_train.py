@@ -351,3 +351,23 @@ def test_a_short_last_micro_batch_is_filled_with_rows_that_change_nothing(tmp_pa
     (loss_short, grads_short), (loss_full, grads_full) = loss_and_grads(short), loss_and_grads(filled)
     assert loss_full == pytest.approx(loss_short, rel=1e-5)
     assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(grads_short, grads_full, strict=True))
+
+
+def test_the_plan_is_fitted_to_the_card_cuda_reports(tmp_path, tiny_model, clean_env, monkeypatch):
+    """fit_to_this_card on a CUDA machine, faked: the card's name and free memory as torch reports them, the model's
+    config, the longest kept row. (Its log line once repeated a keyword and failed every GPU run with exit 1.)"""
+    import torch
+
+    from job import plan as planning
+    from job.train import fit_to_this_card
+
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=0: "NVIDIA L4")
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device=None: (20 * 2**30, 22 * 2**30))
+    settings = Settings(dataset_uri="/x.jsonl", output_uri=str(tmp_path / "out"), work_dir=tmp_path)
+    plan = planning.batch_plan(settings.train, settings.model.max_seq_length, 573, 1, 3000, cuda=True)
+    fitted, fit = fit_to_this_card(settings, str(tiny_model), plan, 1079)
+    assert (fit.card, fit.budget_gib) == ("L4", round(20 * 0.85 - 0.5, 2))
+    assert fit.micro_batch_tokens == fitted.per_device_batch_size * planning.padded(1079, plan.pad_to_multiple_of, 2048)
+    assert fit.peak_gpu_memory_gib <= fit.budget_gib and fitted.rows_per_step == plan.rows_per_step
+    # Before the data is measured (0), the longest row is taken as max_seq_length.
+    assert fit_to_this_card(settings, str(tiny_model), plan, 0)[1].micro_batch_tokens == fitted.per_device_batch_size * 2048
