@@ -11,7 +11,7 @@ training fast; fewer steps an epoch are also what makes it learn less, hence the
 import math
 from dataclasses import asdict, dataclass, replace
 
-from job.settings import TrainSettings
+from job.settings import LoraSettings, ModelSettings, TrainSettings
 
 SEED_ROWS_PER_STEP = 8  # the tutorial: 2 rows x 4 accumulation
 SEED_LEARNING_RATE = 2e-4
@@ -249,23 +249,32 @@ def graph_pool_bytes(shape: ModelShape, micro_batch_tokens: int, checkpointing: 
     return GRAPH_POOL_BLOCKS[checkpointing] * (shape.layers if checkpointing else 1) * per_block
 
 
+def host_seconds(cuda_graphs: bool, host: float = HOST_SECONDS_PER_STEP) -> float:
+    """A micro-batch's fixed host cost, less where graphs replay its kernels."""
+    return host * (GRAPHS_HOST_SHARE if cuda_graphs else 1)
+
+
+def seconds_per_token(shape: ModelShape, checkpointing: bool, flops: float) -> float:
+    """GPU seconds a token: its FLOPs at the fitted share of the card's dense bf16 peak."""
+    return shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops)
+
+
 def estimated_step_seconds(shape: ModelShape, tokens: float, checkpointing: bool, flops: float, cuda_graphs: bool = False,
                            host: float = HOST_SECONDS_PER_STEP) -> float:
     """One micro-batch of this many tokens on a card of `flops` dense bf16 FLOP/s."""
-    return host * (GRAPHS_HOST_SHARE if cuda_graphs else 1) + tokens * shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops)
+    return host_seconds(cuda_graphs, host) + tokens * seconds_per_token(shape, checkpointing, flops)
 
 
 def estimated_train_seconds(shape: ModelShape, steps: int, micro_batches_per_step: int, tokens: float, checkpointing: bool,
                             flops: float, cuda_graphs: bool = False) -> float:
     """A run's training time: every micro-batch's host cost plus its tokens' FLOPs at the fitted share of the card's peak."""
-    return round(steps * micro_batches_per_step * HOST_SECONDS_PER_STEP * (GRAPHS_HOST_SHARE if cuda_graphs else 1)
-                 + tokens * shape.flops_per_token(checkpointing) / (FLOPS_EFFICIENCY * flops), 1)
+    return round(steps * micro_batches_per_step * host_seconds(cuda_graphs) + tokens * seconds_per_token(shape, checkpointing, flops), 1)
 
 
 def host_bound(shape: ModelShape, tokens: float, flops: float) -> bool:
     """Whether launching the step costs more than computing it: only then do CUDA graphs pay (they save host
     time and cost memory; at 8B a step is the GPU's, bench/RESULTS.md)."""
-    return tokens * shape.flops_per_token(False) / (FLOPS_EFFICIENCY * flops) < HOST_SECONDS_PER_STEP
+    return tokens * seconds_per_token(shape, False, flops) < HOST_SECONDS_PER_STEP
 
 
 def card(name: str) -> tuple[str, float, float]:
@@ -339,8 +348,25 @@ def fit_to_card(plan: BatchPlan, shape: ModelShape, row_tokens: int, free_gib: f
     return fitted, MemoryFit(micro_batch_tokens=tokens, gradient_checkpointing=ckpt, cuda_graphs=graphs,
                              peak_gpu_memory_gib=round(peak(rows, ckpt, graphs), 2), budget_gib=round(budget, 2), host_bound=bound,
                              step_seconds=round(accumulation * estimated_step_seconds(shape, tokens, ckpt, flops, graphs), 3),
-                             card=card_name, seconds_per_token=shape.flops_per_token(ckpt) / (FLOPS_EFFICIENCY * flops),
-                             host_seconds=HOST_SECONDS_PER_STEP * (GRAPHS_HOST_SHARE if graphs else 1))
+                             card=card_name, seconds_per_token=seconds_per_token(shape, ckpt, flops), host_seconds=host_seconds(graphs))
+
+
+def row_tokens(plan: BatchPlan, longest_row_tokens: int, max_seq_length: int) -> int:
+    """The longest row as a micro-batch holds it (padded); max_seq_length for packed sequences or before the rows are
+    measured (0)."""
+    if plan.packing or not longest_row_tokens:
+        return max_seq_length
+    return padded(longest_row_tokens, plan.pad_to_multiple_of, max_seq_length)
+
+
+def fit_to_settings(plan: BatchPlan, shape: ModelShape, longest_row_tokens: int, free_gib: float, flops: float, card_name: str,
+                    model: ModelSettings, lora: LoraSettings, train: TrainSettings) -> tuple[BatchPlan, MemoryFit]:
+    """fit_to_card as the settings ask: a set gradient checkpointing, CUDA graphs or micro-batch is kept."""
+    choice = lora.gradient_checkpointing
+    return fit_to_card(plan, shape, row_tokens(plan, longest_row_tokens, model.max_seq_length), free_gib, flops,
+                       checkpointing=None if choice == "auto" else choice != "false", cuda_graphs=train.cuda_graphs,
+                       per_device_fixed=train.per_device_batch_size is not None, lora_r=lora.r, load_in_4bit=model.load_in_4bit,
+                       card_name=card_name)
 
 
 def padded(tokens: int, multiple: int | None, max_length: int) -> int:

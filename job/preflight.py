@@ -88,17 +88,13 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer,
     batch = planning.batch_plan(settings.train, settings.model.max_seq_length, mean_tokens, world, len(examples), cuda=True)
     gpu, card_gib, flops = planning.card(settings.plan.gpu)
     free_gib = card_gib - planning.CUDA_CONTEXT_GIB
-    row = settings.model.max_seq_length if batch.packing else planning.padded(
-        longest, batch.pad_to_multiple_of, settings.model.max_seq_length)
     choice, train = settings.lora.gradient_checkpointing, settings.train
     if train.recipe == "fast" and world == 1:
-        batch, fit = planning.fit_to_card(batch, shape, row, free_gib, flops, checkpointing=None if choice == "auto" else choice != "false",
-                                          cuda_graphs=train.cuda_graphs, per_device_fixed=train.per_device_batch_size is not None,
-                                          lora_r=settings.lora.r, load_in_4bit=settings.model.load_in_4bit, card_name=gpu)
+        batch, fit = planning.fit_to_settings(batch, shape, longest, free_gib, flops, gpu, settings.model, settings.lora, train)
         checkpointing, micro_batch_tokens, peak = fit.gradient_checkpointing, fit.micro_batch_tokens, fit.peak_gpu_memory_gib
     else:  # the seed recipe as written (offloaded checkpointing), or several processes: planned as set
         checkpointing = choice != "false" if choice != "auto" else train.recipe == "seed"
-        micro_batch_tokens = batch.per_device_batch_size * row
+        micro_batch_tokens = batch.per_device_batch_size * planning.row_tokens(batch, longest, settings.model.max_seq_length)
         peak = round(planning.estimated_peak_gib(shape, micro_batch_tokens, checkpointing, cuda_graphs=batch.cuda_graphs,
                                                  load_in_4bit=settings.model.load_in_4bit, lora_r=settings.lora.r), 2)
     if batch.packing:  # sequences of max_seq_length tokens: an estimate of what TRL's packing makes

@@ -408,14 +408,9 @@ def fit_to_this_card(settings: Settings, source: str, plan: planning.BatchPlan,
     config = AutoConfig.from_pretrained(source, **engine.hub_kwargs(settings))
     name, _, flops = planning.card(torch.cuda.get_device_name(0))
     free_gib = torch.cuda.mem_get_info()[0] / planning.GiB
-    longest = longest_row_tokens if longest_row_tokens and not plan.packing else settings.model.max_seq_length
-    choice, train = settings.lora.gradient_checkpointing, settings.train
-    fitted, fit = planning.fit_to_card(
-        plan, planning.ModelShape.from_config(config), planning.padded(longest, plan.pad_to_multiple_of, settings.model.max_seq_length),
-        free_gib, flops, checkpointing=None if choice == "auto" else choice != "false", cuda_graphs=train.cuda_graphs,
-        per_device_fixed=train.per_device_batch_size is not None, lora_r=settings.lora.r, load_in_4bit=settings.model.load_in_4bit,
-        card_name=name)
-    log.info("plan fitted to this card", free_gib=round(free_gib, 2), longest_row_tokens=longest,
+    fitted, fit = planning.fit_to_settings(plan, planning.ModelShape.from_config(config), longest_row_tokens, free_gib, flops, name,
+                                           settings.model, settings.lora, settings.train)
+    log.info("plan fitted to this card", free_gib=round(free_gib, 2), longest_row_tokens=longest_row_tokens,
              per_device_batch_size=fitted.per_device_batch_size, gradient_accumulation_steps=fitted.gradient_accumulation_steps,
              **fit.as_dict())
     return fitted, fit
