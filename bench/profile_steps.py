@@ -6,7 +6,9 @@ learnable rows, through the job's own stages (rows.prepare, train.prepare, train
                                               itself, so the plan's CUDA graphs are on)
 
 Writes OUTDIR/profile.json (per window: wall and GPU-busy seconds a step, idle share, kernels a step, time by
-kernel kind, the longest host gaps between kernels) and OUTDIR/profile-<window>.txt (top kernels)."""
+kernel kind, the longest host gaps between kernels) and OUTDIR/<window>/profile.txt (top kernels and host calls).
+The steady window is steps 120-122 of the 188 in one pass: by then the length-grouped order has met every padded
+length, so no recording falls in it."""
 
 import json
 import os
@@ -27,7 +29,12 @@ from transformers import AutoTokenizer, TrainerCallback  # noqa: E402
 from job import data, rows, train  # noqa: E402
 from job.settings import Settings  # noqa: E402
 
-MODEL_DIR = "/tmp/qwen3-0.6b-rand"  # gpu_anchor.py prepare's; Unsloth is imported by the job's load, after the plan
+# gpu_anchor.py prepare's model and rows; Unsloth is imported by the job's load, after the plan. The env overrides are
+# for a smoke run on CPU (PROFILE_ENGINE=transformers, a tiny model, PROFILE_STEADY_AT=3).
+MODEL_DIR = os.environ.get("PROFILE_MODEL", "/tmp/qwen3-0.6b-rand")
+ENGINE = os.environ.get("PROFILE_ENGINE", "unsloth")
+STEADY_AT = int(os.environ.get("PROFILE_STEADY_AT", "120"))
+CUDA = torch.cuda.is_available()
 
 
 class Windows(TrainerCallback):
@@ -39,8 +46,9 @@ class Windows(TrainerCallback):
     def on_step_begin(self, args, state, control, **kwargs):
         for name, start, count in self.windows:
             if state.global_step == start and self.active is None:
-                torch.cuda.synchronize()
-                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU, torch.profiler.ProfilerActivity.CUDA])
+                sync()
+                profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]
+                                                  + ([torch.profiler.ProfilerActivity.CUDA] if CUDA else []))
                 profiler.__enter__()
                 self.active = (name, start + count, count, profiler, time.perf_counter())
 
@@ -48,7 +56,7 @@ class Windows(TrainerCallback):
         if self.active is None or state.global_step < self.active[1]:
             return
         name, _, count, profiler, started = self.active
-        torch.cuda.synchronize()
+        sync()
         wall = time.perf_counter() - started
         profiler.__exit__(None, None, None)
         folder = self.out / name
@@ -58,6 +66,11 @@ class Windows(TrainerCallback):
         except Exception as error:  # a summary bug must not lose the run
             self.summaries[name] = {"error": repr(error), "wall_s": wall}
         self.active = None
+
+
+def sync() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
 
 
 def host_gaps(profiler, top: int = 8) -> list[float]:
@@ -76,14 +89,14 @@ def host_gaps(profiler, top: int = 8) -> list[float]:
 def main(out: Path) -> None:
     out.mkdir(parents=True, exist_ok=True)
     source = out / "learnable.jsonl"
-    source.write_text(learnable_rows(Path(DATA)))
-    settings = Settings(dataset_uri=str(source), output_uri=str(out / "runs"), work_dir=out / "work", engine="unsloth",
+    source.write_text(learnable_rows(Path(os.environ.get("PROFILE_DATA", DATA))))
+    settings = Settings(dataset_uri=str(source), output_uri=str(out / "runs"), work_dir=out / "work", engine=ENGINE,
                         train={"epochs": 1})
     work = out / "work" / "profile"
     report = data.validate_dataset(source, work)
     shaped = rows.prepare(settings, report, None, AutoTokenizer.from_pretrained(MODEL_DIR), work)
-    spec = train.prepare(settings, "unsloth", MODEL_DIR, shaped, work, str(out / "runs" / "profile"), "profile")
-    windows = Windows([("step-1", 0, 1), ("steady", 40, 3)], out)
+    spec = train.prepare(settings, ENGINE, MODEL_DIR, shaped, work, str(out / "runs" / "profile"), "profile")
+    windows = Windows([("step-1", 0, 1), ("steady", STEADY_AT, 3)], out)
     metrics = train.train(spec, extra_callbacks=(windows,))
     result = {"batch_plan": metrics.batch_plan, "memory_fit": metrics.memory_fit, "steady_tokens_per_second": metrics.steady_tokens_per_second,
               "first_step_at_s": metrics.first_step_at_s, "model_load_s": metrics.model_load_s, "windows": windows.summaries}
