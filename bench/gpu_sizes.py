@@ -4,6 +4,8 @@
     CELLS=8b@24,4b@48,0.6b@78:full ANCHORS=0.6b,8b python3 bench/gpu_sizes.py matrix OUT
                                             # the job's defaults with 24, 48 or 78 GiB free (a balloon process holds
                                             # the rest of the card), and the seed recipe on each shape
+    python3 bench/gpu_sizes.py summarise OUT/sizes.json "runs 38"
+                                            # (here) its line in bench/summary.json; README's measured table from them
 
 Shapes: Qwen3's published config values with random bf16 weights and the anchor's tokenizer (built by
 `gpu_anchor.py prepare`). Each call writes OUT/<name>.json and OUT/sizes.json with everything."""
@@ -114,8 +116,60 @@ def probe(out: Path) -> dict:
     return results
 
 
+def summary_entry(sizes: dict, date: str, runs: str) -> dict:
+    """A matrix call's line in bench/summary.json: every cell as {model, free_gib, exit, steady_tok_s, peak_gib,
+    seed_tok_s} (the seed recipe on that shape in the same call) plus the plan's estimates and choices."""
+    seed = {a["shape"]: round(a["steady_tokens_per_s"]) for a in sizes["anchor"] if a.get("steady_tokens_per_s")}
+    cells = [{"model": c["model"], "free_gib": c["free_gib"], "exit": c.get("exit", c.get("skipped")),
+              "steady_tok_s": c.get("steady_tok_s"), "peak_gib": c.get("peak_gib"), "seed_tok_s": seed.get(c["model"]),
+              "estimated_peak_gib": c.get("estimated_peak_gib"), "train_seconds": c.get("train_seconds"),
+              "estimated_train_seconds": c.get("estimated_train_seconds"), "steps": c.get("steps"),
+              "gradient_checkpointing": c.get("chose", {}).get("gradient_checkpointing"),
+              "cuda_graphs": c.get("chose", {}).get("cuda_graphs"), "micro_batch_tokens": c.get("chose", {}).get("micro_batch_tokens"),
+              "length": c.get("settings", {}).get("QLORA_TRAIN__EPOCHS", "") and f"{c['settings']['QLORA_TRAIN__EPOCHS']} epochs"
+              or (f"{c['settings']['QLORA_TRAIN__MAX_STEPS']} steps" if "QLORA_TRAIN__MAX_STEPS" in c.get("settings", {}) else "default")}
+             for c in sizes["matrix"]]
+    return {"date": date, "card": sizes["card"], "anchor_tok_s": seed.get("0.6b"), "default_tok_s": None, "ratio": None,
+            "e2e_s": None, "cold_start_s": None, "ddp_scaling_matched": None, "matrix": cells, "seed_tok_s_by_shape": seed,
+            "runs": runs}
+
+
+def readme_table(summary: list[dict]) -> str:
+    """README "Measured" table: the newest finished cell of each model and free memory in bench/summary.json."""
+    newest: dict = {}
+    for entry in summary:
+        for c in entry.get("matrix", []):
+            if c.get("steady_tok_s") and c.get("peak_gib"):
+                newest[(c["model"], c["free_gib"])] = {**c, "card": entry["card"].replace("NVIDIA ", "").split(" 80GB")[0]}
+    models = sorted({m for m, _ in newest}, key=float_size)
+    frees = sorted({f for _, f in newest})
+    lines = ["| model shape | " + " | ".join(f"{f:.0f} GiB free" for f in frees) + " |", "| --- |" + " --- |" * len(frees)]
+    for model in models:
+        cells = []
+        for free in frees:
+            c = newest.get((model, free))
+            ratio = f" ({c['steady_tok_s'] / c['seed_tok_s']:.1f}x seed)" if c and c.get("seed_tok_s") else ""
+            how = f"{c['steps']} steps" if c and c["exit"] == "stopped after training" else f"exit {c and c['exit']}"
+            cells.append(f"{how}, {c['steady_tok_s'] / 1000:.1f}k tok/s{ratio}, {c['peak_gib']:.1f} GiB, "
+                         f"{'ckpt' if c['gradient_checkpointing'] else 'no ckpt'}{', graphs' if c['cuda_graphs'] else ''}, "
+                         f"{c['card']}" if c else "-")
+        lines.append(f"| {model.upper()} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def float_size(model: str) -> float:
+    return float(model.rstrip("bB"))
+
+
 def main() -> None:
     mode, out = sys.argv[1], Path(sys.argv[2])
+    if mode == "summarise":  # on this machine, after a call: append its line, print the README table
+        entry = summary_entry(json.loads(out.read_text()), time.strftime("%Y-%m-%d"), sys.argv[3])
+        path = HERE / "summary.json"
+        summary = [*json.loads(path.read_text()), entry]
+        path.write_text(json.dumps(summary, indent=1) + "\n")
+        print(readme_table(summary))
+        return
     out.mkdir(parents=True, exist_ok=True)
     import torch
     from gpu_bench import _versions  # this script's folder is on sys.path when it runs

@@ -1,5 +1,7 @@
 """Batch planning (job/plan.py): pure arithmetic on the train section, no torch, no data, no environment."""
 
+import json
+
 import pytest
 
 from job.plan import BatchPlan, batch_plan, duration, micro_batches_per_epoch
@@ -253,3 +255,20 @@ def test_the_readmes_card_table_is_what_the_plan_chooses():
     rows = ["| model | " + " | ".join(cards) + " |", "| --- |" + " --- |" * len(cards)]
     rows += [f"| {model} | " + " | ".join(cell(config, gpu) for gpu in cards.values()) + " |" for model, config in models.items()]
     assert "\n".join(rows) in (REPO / "README.md").read_text()
+
+
+def test_the_readmes_measured_table_is_bench_summary_json():
+    """README's measured card table is rendered from bench/summary.json's matrix entries: a new call's figures
+    change it, and a hand edit of either fails here."""
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_sizes
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    table = gpu_sizes.readme_table(json.loads((REPO / "bench" / "summary.json").read_text()))
+    assert "| 8B |" in table and "GiB free" in table
+    assert table in (REPO / "README.md").read_text()
