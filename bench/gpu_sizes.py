@@ -122,6 +122,7 @@ def summary_entry(sizes: dict, date: str, runs: str) -> dict:
     seed = {a["shape"]: round(a["steady_tokens_per_s"]) for a in sizes["anchor"] if a.get("steady_tokens_per_s")}
     cells = [{"model": c["model"], "free_gib": c["free_gib"], "exit": c.get("exit", c.get("skipped")),
               "steady_tok_s": c.get("steady_tok_s"), "peak_gib": c.get("peak_gib"), "seed_tok_s": seed.get(c["model"]),
+              "job_seconds": c.get("job_seconds"), "first_step_at_s": c.get("first_step_at_s"), "stages": c.get("stages"),
               "estimated_peak_gib": c.get("estimated_peak_gib"), "train_seconds": c.get("train_seconds"),
               "estimated_train_seconds": c.get("estimated_train_seconds"), "steps": c.get("steps"),
               "gradient_checkpointing": c.get("chose", {}).get("gradient_checkpointing"),
@@ -129,9 +130,13 @@ def summary_entry(sizes: dict, date: str, runs: str) -> dict:
               "length": c.get("settings", {}).get("QLORA_TRAIN__EPOCHS", "") and f"{c['settings']['QLORA_TRAIN__EPOCHS']} epochs"
               or (f"{c['settings']['QLORA_TRAIN__MAX_STEPS']} steps" if "QLORA_TRAIN__MAX_STEPS" in c.get("settings", {}) else "default")}
              for c in sizes["matrix"]]
-    return {"date": date, "card": sizes["card"], "anchor_tok_s": seed.get("0.6b"), "default_tok_s": None, "ratio": None,
-            "e2e_s": None, "cold_start_s": None, "ddp_scaling_matched": None, "matrix": cells, "seed_tok_s_by_shape": seed,
-            "runs": runs}
+    # The headline figures (issue 31) come from the default-size run that went to the end, when the call had one.
+    e2e = next((c for c in cells if c["model"] == "0.6b" and c["length"] == "default" and c["exit"] == 0), {})
+    default = e2e.get("steady_tok_s")
+    return {"date": date, "card": sizes["card"], "anchor_tok_s": seed.get("0.6b"), "default_tok_s": default,
+            "ratio": round(default / seed["0.6b"], 2) if default and seed.get("0.6b") else None, "e2e_s": e2e.get("job_seconds"),
+            "cold_start_s": e2e.get("first_step_at_s"), "ddp_scaling_matched": None, "matrix": cells,
+            "seed_tok_s_by_shape": seed, "runs": runs}
 
 
 def readme_table(summary: list[dict]) -> str:
@@ -212,6 +217,7 @@ def job_run(out: Path, name: str, shape: str, free_gib: float, settings: dict, a
                "QLORA_VERIFY__TRAIN_PROBES": "3", **settings}
         code, stopped = None, False
         with open(log_path, "w") as log:
+            job_started = time.perf_counter()  # the job's own wall: fetch to manifest when it runs to the end
             job = subprocess.Popen([sys.executable, "-m", "job"], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=REPO,
                                    env=env, text=True)
             deadline = time.monotonic() + max(60, left() - 15)
@@ -222,6 +228,7 @@ def job_run(out: Path, name: str, shape: str, free_gib: float, settings: dict, a
                     job.kill()
                     break
             code = job.wait()
+            job_seconds = round(time.perf_counter() - job_started, 1)
             code = "stopped after training" if stopped else (124 if code < 0 else code)
     finally:
         held.kill()
@@ -238,7 +245,7 @@ def job_run(out: Path, name: str, shape: str, free_gib: float, settings: dict, a
                 stages[record.get("stage")] = record.get("seconds")
     fitted, finished = events.get("plan fitted to this card", {}), events.get("training finished", {})
     result = {"name": name, "model": shape, "free_gib": free_gib, "free_gib_seen": float(seen or 0), "exit": code,
-              "seconds": round(time.perf_counter() - started, 1), "settings": settings,
+              "seconds": round(time.perf_counter() - started, 1), "job_seconds": job_seconds, "settings": settings,
               "steady_tok_s": finished.get("steady_tokens_per_s"), "peak_gib": finished.get("peak_gpu_memory_gib"),
               "estimated_peak_gib": fitted.get("peak_gpu_memory_gib"), "train_seconds": finished.get("train_seconds"),
               "estimated_train_seconds": finished.get("estimated_train_seconds"), "steps": finished.get("steps"),
