@@ -116,6 +116,9 @@ def probe(out: Path) -> dict:
     return results
 
 
+LENGTH_SETTINGS = ("QLORA_TRAIN__EPOCHS", "QLORA_TRAIN__MAX_STEPS")
+
+
 def summary_entry(sizes: dict, date: str, runs: str) -> dict:
     """A matrix call's line in bench/summary.json: every cell as {model, free_gib, exit, steady_tok_s, peak_gib,
     seed_tok_s} (the seed recipe on that shape in the same call) plus the plan's estimates and choices."""
@@ -128,10 +131,11 @@ def summary_entry(sizes: dict, date: str, runs: str) -> dict:
               "gradient_checkpointing": c.get("chose", {}).get("gradient_checkpointing"),
               "cuda_graphs": c.get("chose", {}).get("cuda_graphs"), "micro_batch_tokens": c.get("chose", {}).get("micro_batch_tokens"),
               "length": c.get("settings", {}).get("QLORA_TRAIN__EPOCHS", "") and f"{c['settings']['QLORA_TRAIN__EPOCHS']} epochs"
-              or (f"{c['settings']['QLORA_TRAIN__MAX_STEPS']} steps" if "QLORA_TRAIN__MAX_STEPS" in c.get("settings", {}) else "default")}
+              or (f"{c['settings']['QLORA_TRAIN__MAX_STEPS']} steps" if "QLORA_TRAIN__MAX_STEPS" in c.get("settings", {}) else "default"),
+              "variant": {k: v for k, v in c.get("settings", {}).items() if k not in LENGTH_SETTINGS} or None}
              for c in sizes["matrix"]]
     # The headline figures (issue 31) come from the default-size run that went to the end, when the call had one.
-    e2e = next((c for c in cells if c["model"] == "0.6b" and c["length"] == "default" and c["exit"] == 0), {})
+    e2e = next((c for c in cells if c["model"] == "0.6b" and c["length"] == "default" and c["exit"] == 0 and not c["variant"]), {})
     default = e2e.get("steady_tok_s")
     return {"date": date, "card": sizes["card"], "anchor_tok_s": seed.get("0.6b"), "default_tok_s": default,
             "ratio": round(default / seed["0.6b"], 2) if default and seed.get("0.6b") else None, "e2e_s": e2e.get("job_seconds"),
@@ -144,7 +148,7 @@ def readme_table(summary: list[dict]) -> str:
     newest: dict = {}
     for entry in summary:
         for c in entry.get("matrix", []):
-            if c.get("steady_tok_s") and c.get("peak_gib"):
+            if c.get("steady_tok_s") and c.get("peak_gib") and not c.get("variant"):
                 newest[(c["model"], c["free_gib"])] = {**c, "card": entry["card"].replace("NVIDIA ", "").split(" 80GB")[0]}
     models = sorted({m for m, _ in newest}, key=float_size)
     frees = sorted({f for _, f in newest})
@@ -261,7 +265,8 @@ def job_run(out: Path, name: str, shape: str, free_gib: float, settings: dict, a
 
 
 def matrix(out: Path) -> dict:
-    """CELLS=shape@free[:length],...: the job's defaults with `free` GiB of the card free. length: absent, STEPS steps
+    """CELLS=shape@free[:length][;QLORA_X=value],...: the job's defaults (or a variant) with `free` GiB of the card
+    free. length: absent, STEPS steps
     cut short after training; eN, N epochs of the learnable rows cut short after training; full, the default length
     (3 epochs) to the end (exit 0: verified and published). ANCHORS=0.6b,4b,8b: the seed recipe on each shape, first.
     A warm machine keeps the prepared data and the built shapes between calls."""
@@ -293,7 +298,8 @@ def matrix(out: Path) -> dict:
             continue
         results["anchor"].append(anchor(out, shape, os.environ.get("ANCHOR_STEPS", "15")))
         print("anchor", json.dumps(results["anchor"][-1]), flush=True)
-    for cell in cells:
+    for n, cell in enumerate(cells):
+        cell, *extra = cell.split(";")  # shape@free[:length][;QLORA_X=value...]: a variant of the defaults
         where, _, length = cell.partition(":")
         shape, free = where.split("@")
         if left() < 70:
@@ -301,7 +307,8 @@ def matrix(out: Path) -> dict:
             continue
         settings = ({} if length == "full" else {"QLORA_TRAIN__EPOCHS": length[1:]} if length.startswith("e")
                     else {"QLORA_TRAIN__MAX_STEPS": os.environ.get("STEPS", "12")})
-        name = f"m-{shape}-{free}-{length or 'steps'}"
+        settings.update(item.split("=", 1) for item in extra)
+        name = f"m{n}-{shape}-{free}-{length or 'steps'}"
         results["matrix"].append(job_run(out, name, shape, float(free), settings, aws, to_the_end=length == "full"))
     server.stop()
     return results
