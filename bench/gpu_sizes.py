@@ -166,6 +166,25 @@ def readme_table(summary: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def results_rows(entry: dict) -> str:
+    """bench/RESULTS.md's table of a matrix call: every cell's figures beside the plan's estimates."""
+    def pct(measured, estimated):
+        return f" ({estimated} est., {100 * (estimated / measured - 1):+.0f}%)" if measured and estimated else ""
+
+    lines = ["| cell | exit | steps | steady tok/s | x seed | peak GiB | train s | chose | step 1 ends at s | job s |",
+             "| --- |" + " --- |" * 9]
+    for c in entry["matrix"]:
+        ratio = f"{c['steady_tok_s'] / c['seed_tok_s']:.2f}" if c.get("steady_tok_s") and c.get("seed_tok_s") else "-"
+        chose = (f"{'ckpt' if c['gradient_checkpointing'] else 'no ckpt'}{', graphs' if c['cuda_graphs'] else ''}, "
+                 f"{c['micro_batch_tokens']} tok" if c.get("micro_batch_tokens") else "-")
+        variant = "; " + ", ".join(f"{k}={v}" for k, v in c["variant"].items()) if c.get("variant") else ""
+        lines.append(f"| {c['model']} @ {c['free_gib']:.0f} GiB, {c['length']}{variant} | {c['exit']} | {c.get('steps') or '-'} | "
+                     f"{c.get('steady_tok_s') or '-'} | {ratio} | {c.get('peak_gib') or '-'}{pct(c.get('peak_gib'), c.get('estimated_peak_gib'))} | "
+                     f"{c.get('train_seconds') or '-'}{pct(c.get('train_seconds'), c.get('estimated_train_seconds'))} | {chose} | "
+                     f"{c.get('first_step_at_s') or '-'} | {c.get('job_seconds') or '-'} |")
+    return "\n".join(lines)
+
+
 def float_size(model: str) -> float:
     return float(model.rstrip("bB"))
 
@@ -177,7 +196,7 @@ def main() -> None:
         path = HERE / "summary.json"
         summary = [*json.loads(path.read_text()), entry]
         path.write_text(json.dumps(summary, indent=1) + "\n")
-        print(readme_table(summary))
+        print(readme_table(summary) + "\n\n" + results_rows(entry))
         return
     out.mkdir(parents=True, exist_ok=True)
     import torch
