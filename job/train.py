@@ -144,6 +144,10 @@ def sft_config(settings: Settings, output_dir: Path, cuda: bool, plan: planning.
         logging_nan_inf_filter=False,  # the default hides a NaN loss from the logs; we stop on it
         max_length=settings.model.max_seq_length,
         truncation_mode="keep_start",
+        # Checkpointing is the load's choice (engine.load_for_training: the plan's, or the seed tutorial's "unsloth").
+        # TRL defaults this to True, and the Trainer would then turn on its own recomputation over that choice: every
+        # fast run planned without checkpointing ran with it (bench/RESULTS.md run 39's profile).
+        gradient_checkpointing=False,
         packing=plan.packing,
         padding_free=plan.packing,
         pad_to_multiple_of=plan.pad_to_multiple_of,

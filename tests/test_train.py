@@ -371,3 +371,22 @@ def test_the_plan_is_fitted_to_the_card_cuda_reports(tmp_path, tiny_model, clean
     assert fit.peak_gpu_memory_gib <= fit.budget_gib and fitted.rows_per_step == plan.rows_per_step
     # Before the data is measured (0), the longest row is taken as max_seq_length.
     assert fit_to_this_card(settings, str(tiny_model), plan, 0)[1].micro_batch_tokens == fitted.per_device_batch_size * 2048
+
+
+@pytest.mark.parametrize(("choice", "recomputed"), [("false", False), ("true", True)])
+def test_the_checkpointing_the_load_chose_is_what_trains(choice, recomputed, tmp_path, tiny_model, clean_env):
+    """The plan (or QLORA_LORA__GRADIENT_CHECKPOINTING) decides recomputation at load; the Trainer must not turn it on
+    behind that choice (TRL's SFTConfig defaults gradient_checkpointing to True: planned-off runs recomputed anyway).
+    Read where transformers reads it: each decoder layer's flag after a training step."""
+    from job import train
+
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({"instruction": f"Question {i}?", "output": f"Answer {i}."}) + "\n" for i in range(8)))
+    settings = Settings(dataset_uri=str(source), output_uri=str(tmp_path / "out"), work_dir=tmp_path,
+                        lora={"gradient_checkpointing": choice}, train={"max_steps": 1})
+    spec = _spec(settings, str(tiny_model), validate_dataset(source, tmp_path), None, tmp_path, str(tmp_path / "out" / "r"), "r")
+    session = train.setup(spec)
+    train.fit(session)
+    layers = [m for m in session.model.modules() if type(m).__name__.endswith("DecoderLayer")]
+    assert len(layers) == 2 and [m.gradient_checkpointing for m in layers] == [recomputed] * 2
+    assert session.trainer.args.gradient_checkpointing is False
