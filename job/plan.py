@@ -176,6 +176,11 @@ TIME_MODEL_MIN_TOKENS = 4096  # the smallest micro-batch those probes timed
 # Replaying recorded kernels leaves about half of a step's host cost (0.6B at 16 rows: 0.273 s -> 0.150 s a step).
 GRAPHS_HOST_SHARE = 0.47
 GRAPHS_MARGIN = 0.05
+# One-off costs a run pays beside its steps: step 1 compiles the decoder's regions (18.3-31.7 s on an H200 in runs
+# 30-32, 28.9 s on an H100 in run 39's profile), and with graphs each padded length the data meets is recorded once
+# (~1-3 s each, runs 30-32). Run 38 (0.6B, 3 epochs): 52.9 s of its 150.6 s were these, the rest the steady steps.
+FIRST_STEP_SECONDS = 25.0
+GRAPH_RECORD_SECONDS = 2.5
 # Cards batch clusters hand out: memory as CUDA reports it (GiB; the datasheets' 80, 141, 40, 48 and 24 GB) and
 # dense bf16 tensor FLOP/s without sparsity, from NVIDIA's datasheets. The A10G (AWS) has no datasheet of its own:
 # the A10's 125 TFLOP/s.
@@ -266,9 +271,11 @@ def estimated_step_seconds(shape: ModelShape, tokens: float, checkpointing: bool
 
 
 def estimated_train_seconds(shape: ModelShape, steps: int, micro_batches_per_step: int, tokens: float, checkpointing: bool,
-                            flops: float, cuda_graphs: bool = False) -> float:
-    """A run's training time: every micro-batch's host cost plus its tokens' FLOPs at the fitted share of the card's peak."""
-    return round(steps * micro_batches_per_step * host_seconds(cuda_graphs) + tokens * seconds_per_token(shape, checkpointing, flops), 1)
+                            flops: float, cuda_graphs: bool = False, one_off: float = FIRST_STEP_SECONDS) -> float:
+    """A run's training time: the one-off compiles (and recordings), every micro-batch's host cost, and its tokens'
+    FLOPs at the fitted share of the card's peak."""
+    return round(one_off + steps * micro_batches_per_step * host_seconds(cuda_graphs)
+                 + tokens * seconds_per_token(shape, checkpointing, flops), 1)
 
 
 def host_bound(shape: ModelShape, tokens: float, flops: float) -> bool:
@@ -302,10 +309,11 @@ class MemoryFit:
     card: str = "H100"
     seconds_per_token: float = 0.0  # the time model's GPU seconds a token, for this model, recipe and card
     host_seconds: float = HOST_SECONDS_PER_STEP  # its host seconds a micro-batch (less with graphs)
+    one_off_seconds: float = FIRST_STEP_SECONDS  # step 1's compiles and, with graphs, each length's recording
 
     def train_seconds(self, micro_batches: int, tokens: float) -> float:
         """The time model's training seconds for this many micro-batches holding this many tokens in all."""
-        return round(micro_batches * self.host_seconds + tokens * self.seconds_per_token, 1)
+        return round(self.one_off_seconds + micro_batches * self.host_seconds + tokens * self.seconds_per_token, 1)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -348,7 +356,14 @@ def fit_to_card(plan: BatchPlan, shape: ModelShape, row_tokens: int, free_gib: f
     return fitted, MemoryFit(micro_batch_tokens=tokens, gradient_checkpointing=ckpt, cuda_graphs=graphs,
                              peak_gpu_memory_gib=round(peak(rows, ckpt, graphs), 2), budget_gib=round(budget, 2), host_bound=bound,
                              step_seconds=round(accumulation * estimated_step_seconds(shape, tokens, ckpt, flops, graphs), 3),
-                             card=card_name, seconds_per_token=seconds_per_token(shape, ckpt, flops), host_seconds=host_seconds(graphs))
+                             card=card_name, seconds_per_token=seconds_per_token(shape, ckpt, flops), host_seconds=host_seconds(graphs),
+                             one_off_seconds=one_off_seconds(graphs, row_tokens, fitted.pad_to_multiple_of))
+
+
+def one_off_seconds(cuda_graphs: bool, row_tokens: int, pad_to_multiple_of: int | None) -> float:
+    """Step 1's compiles, and with graphs a recording for each padded length up to the longest row."""
+    lengths = math.ceil(row_tokens / (pad_to_multiple_of or CUDA_GRAPHS_PAD_MULTIPLE))
+    return FIRST_STEP_SECONDS + (lengths * GRAPH_RECORD_SECONDS if cuda_graphs else 0.0)
 
 
 def row_tokens(plan: BatchPlan, longest_row_tokens: int, max_seq_length: int) -> int:

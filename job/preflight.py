@@ -118,6 +118,7 @@ def _sizing(settings: Settings, report: data.DataReport, eval_report, tokenizer,
                      "gpu": gpu, "free_gib": round(free_gib, 1), "model_params": shape.params,
                      "train_seconds": planning.estimated_train_seconds(
                          shape, length.steps, batch.gradient_accumulation_steps, epoch_tokens * length.planned_epochs, checkpointing, flops,
-                         batch.cuda_graphs),
+                         batch.cuda_graphs, planning.one_off_seconds(batch.cuda_graphs, planning.row_tokens(
+                             batch, longest, settings.model.max_seq_length), batch.pad_to_multiple_of)),
                      "peak_gpu_memory_gib": peak},
     }
