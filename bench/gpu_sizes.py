@@ -160,7 +160,8 @@ def readme_table(summary: list[dict]) -> str:
             ratio = f" ({c['steady_tok_s'] / c['seed_tok_s']:.1f}x seed)" if c and c.get("seed_tok_s") else ""
             how = f"{c['steps']} steps" if c and c["exit"] == "stopped after training" else f"exit {c and c['exit']}"
             cells.append(f"{how}, {c['steady_tok_s'] / 1000:.1f}k tok/s{ratio}, {c['peak_gib']:.1f} GiB, "
-                         f"{'ckpt' if c['gradient_checkpointing'] else 'no ckpt'}{', graphs' if c['cuda_graphs'] else ''}, "
+                         f"{'ckpt' if c.get('ran_with_checkpointing', c['gradient_checkpointing']) else 'no ckpt'}"
+                         f"{', graphs' if c['cuda_graphs'] else ''}, "
                          f"{c['card']}" if c else "-")
         lines.append(f"| {model.upper()} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
