@@ -312,6 +312,8 @@ def matrix(out: Path) -> dict:
     s3 = boto3.client("s3")
     s3.create_bucket(Bucket="bench")
     s3.put_object(Bucket="bench", Key="data/learnable.jsonl", Body=learnable_rows(Path(DATA)).encode())
+    # gpu_anchor.py's steady figure skips its first 10 steps (warm-up): fewer than 12 leave none (run 38).
+    assert int(os.environ.get("ANCHOR_STEPS", "15")) >= 12, "ANCHOR_STEPS below 12 gives the seed recipe no steady figure"
     for shape in anchors:
         if left() < 100:
             results["anchor"].append({"shape": shape, "skipped": "budget"})
