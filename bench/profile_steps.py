@@ -62,7 +62,7 @@ class Windows(TrainerCallback):
         folder = self.out / name
         folder.mkdir(parents=True, exist_ok=True)
         try:
-            self.summaries[name] = {**summarise(profiler, wall, count, folder), "host_gaps_ms": host_gaps(profiler)}
+            self.summaries[name] = summarise(profiler, wall, count, folder)
         except Exception as error:  # a summary bug must not lose the run
             self.summaries[name] = {"error": repr(error), "wall_s": wall}
         self.active = None
@@ -71,19 +71,6 @@ class Windows(TrainerCallback):
 def sync() -> None:
     if CUDA:
         torch.cuda.synchronize()
-
-
-def host_gaps(profiler, top: int = 8) -> list[float]:
-    """The longest stretches (ms) with no kernel running on the GPU: where the host kept it waiting."""
-    from torch.autograd import DeviceType
-
-    spans = sorted((e.time_range.start, e.time_range.end) for e in profiler.events() if e.device_type == DeviceType.CUDA)
-    gaps, end = [], None
-    for lo, hi in spans:
-        if end is not None and lo > end:
-            gaps.append((lo - end) / 1000)
-        end = hi if end is None else max(end, hi)
-    return [round(g, 2) for g in sorted(gaps, reverse=True)[:top]]
 
 
 def main(out: Path) -> None:

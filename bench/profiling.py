@@ -16,8 +16,10 @@ def summarise(prof, wall: float, steps: int, out: Path) -> dict:
 
     kernels = [e for e in prof.events() if e.device_type == DeviceType.CUDA]
     spans = sorted((e.time_range.start, e.time_range.end) for e in kernels)
-    busy, end = 0.0, -1.0
-    for lo, hi in spans:  # union of kernel intervals, in microseconds
+    busy, end, gaps = 0.0, spans[0][0] if spans else 0.0, []
+    for lo, hi in spans:  # union of kernel intervals, in microseconds; the stretches between are the host's
+        if lo > end:
+            gaps.append(lo - end)
         if hi > end:
             busy += hi - max(lo, end)
             end = hi
@@ -37,4 +39,5 @@ def summarise(prof, wall: float, steps: int, out: Path) -> dict:
         "steps": steps, "wall_s_per_step": round(wall / steps, 4), "gpu_busy_s_per_step": round(busy / 1e6 / steps, 4),
         "gpu_idle_pct": round(100 * (1 - busy / 1e6 / wall), 1), "kernels_per_step": round(len(kernels) / steps),
         "kernel_time_share_pct": {k: round(100 * v / total, 1) for k, v in sorted(by_category.items(), key=lambda kv: -kv[1])},
+        "host_gaps_ms": [round(g / 1000, 2) for g in sorted(gaps, reverse=True)[:8]],  # the longest: the GPU kept waiting
     }
