@@ -119,6 +119,15 @@ def probe(out: Path) -> dict:
 LENGTH_SETTINGS = ("QLORA_TRAIN__EPOCHS", "QLORA_TRAIN__MAX_STEPS")
 
 
+def length_label(settings: dict) -> str:
+    """How long a cell trained: "N epochs", "N steps", or "default" (the job's own length)."""
+    if "QLORA_TRAIN__EPOCHS" in settings:
+        return f"{settings['QLORA_TRAIN__EPOCHS']} epochs"
+    if "QLORA_TRAIN__MAX_STEPS" in settings:
+        return f"{settings['QLORA_TRAIN__MAX_STEPS']} steps"
+    return "default"
+
+
 def summary_entry(sizes: dict, date: str, runs: str) -> dict:
     """A matrix call's line in bench/summary.json: every cell as {model, free_gib, exit, steady_tok_s, peak_gib,
     seed_tok_s} (the seed recipe on that shape in the same call) plus the plan's estimates and choices."""
@@ -130,8 +139,7 @@ def summary_entry(sizes: dict, date: str, runs: str) -> dict:
               "estimated_train_seconds": c.get("estimated_train_seconds"), "steps": c.get("steps"),
               "gradient_checkpointing": c.get("chose", {}).get("gradient_checkpointing"),
               "cuda_graphs": c.get("chose", {}).get("cuda_graphs"), "micro_batch_tokens": c.get("chose", {}).get("micro_batch_tokens"),
-              "length": c.get("settings", {}).get("QLORA_TRAIN__EPOCHS", "") and f"{c['settings']['QLORA_TRAIN__EPOCHS']} epochs"
-              or (f"{c['settings']['QLORA_TRAIN__MAX_STEPS']} steps" if "QLORA_TRAIN__MAX_STEPS" in c.get("settings", {}) else "default"),
+              "length": length_label(c.get("settings", {})),
               "variant": {k: v for k, v in c.get("settings", {}).items() if k not in LENGTH_SETTINGS} or None}
              for c in sizes["matrix"]]
     # The headline figures (issue 31) come from the default-size run that went to the end, when the call had one.
@@ -154,17 +162,19 @@ def readme_table(summary: list[dict]) -> str:
     frees = sorted({f for _, f in newest})
     lines = ["| model shape | " + " | ".join(f"{f:.0f} GiB free" for f in frees) + " |", "| --- |" + " --- |" * len(frees)]
     for model in models:
-        cells = []
-        for free in frees:
-            c = newest.get((model, free))
-            ratio = f" ({c['steady_tok_s'] / c['seed_tok_s']:.1f}x seed)" if c and c.get("seed_tok_s") else ""
-            how = f"{c['steps']} steps" if c and c["exit"] == "stopped after training" else f"exit {c and c['exit']}"
-            cells.append(f"{how}, {c['steady_tok_s'] / 1000:.1f}k tok/s{ratio}, {c['peak_gib']:.1f} GiB, "
-                         f"{'ckpt' if c.get('ran_with_checkpointing', c['gradient_checkpointing']) else 'no ckpt'}"
-                         f"{', graphs' if c['cuda_graphs'] else ''}, "
-                         f"{c['card']}" if c else "-")
-        lines.append(f"| {model.upper()} | " + " | ".join(cells) + " |")
+        lines.append(f"| {model.upper()} | " + " | ".join(readme_cell(newest.get((model, free))) for free in frees) + " |")
     return "\n".join(lines)
+
+
+def readme_cell(c: dict | None) -> str:
+    """One measured cell: how it ended, steady tok/s (x the seed recipe), peak, what ran, the card; "-" if none."""
+    if c is None:
+        return "-"
+    how = f"{c['steps']} steps" if c["exit"] == "stopped after training" else f"exit {c['exit']}"
+    ratio = f" ({c['steady_tok_s'] / c['seed_tok_s']:.1f}x seed)" if c.get("seed_tok_s") else ""
+    ran = "ckpt" if c.get("ran_with_checkpointing", c["gradient_checkpointing"]) else "no ckpt"
+    return (f"{how}, {c['steady_tok_s'] / 1000:.1f}k tok/s{ratio}, {c['peak_gib']:.1f} GiB, {ran}"
+            f"{', graphs' if c['cuda_graphs'] else ''}, {c['card']}")
 
 
 def results_rows(entry: dict) -> str:
