@@ -271,7 +271,7 @@ def estimated_step_seconds(shape: ModelShape, tokens: float, checkpointing: bool
 
 
 def estimated_train_seconds(shape: ModelShape, steps: int, micro_batches_per_step: int, tokens: float, checkpointing: bool,
-                            flops: float, cuda_graphs: bool = False, one_off: float = FIRST_STEP_SECONDS) -> float:
+                            flops: float, cuda_graphs: bool, one_off: float) -> float:
     """A run's training time: the one-off compiles (and recordings), every micro-batch's host cost, and its tokens'
     FLOPs at the fitted share of the card's peak."""
     return round(one_off + steps * micro_batches_per_step * host_seconds(cuda_graphs)
