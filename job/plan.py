@@ -150,21 +150,24 @@ def batch_plan(train: TrainSettings, max_seq_length: int = 2048, mean_row_tokens
 
 
 # --- Memory and time: one model for any Qwen/Llama-shaped model on any card ---
-# Fitted on peaks that bench/memory_probe.py measured through engine.load_for_training (Unsloth, 4-bit base,
-# LoRA r=16 on the 7 projections) at 0.6B, 4B and 8B shapes and 4k-33k-token micro-batches, on one H200
-# (bench/RESULTS.md, "Memory model"; tests/test_plan.py holds the peaks and checks the estimates).
+# Fitted on peaks measured through engine.load_for_training (Unsloth, 4-bit base, LoRA r=16 on the 7 projections) at
+# 0.6B, 4B and 8B shapes: bench/memory_probe.py's bare training loops at 4k-33k-token micro-batches on one H200, and
+# the job's own runs (bench/gpu_sizes.py matrix, H100, runs 40-42) where the two differ (bench/RESULTS.md, "Memory
+# model" and "runs 40-42"; tests/test_plan.py holds the peaks and checks the estimates).
 GiB = 1 << 30
 NF4_BYTES = 0.5 * (1 + 1 / 32)  # 4 bits a weight plus its double-quantised block scales
 LORA_BYTES = 16  # fp32 weight, gradient and two Adam moments per LoRA parameter
 # Bytes a micro-batch adds: fixed, then per token per (layer x intermediate unit), per hidden unit, per vocabulary entry.
-# Without checkpointing every layer's MLP activations stay (9 bytes a unit); Unsloth's offloaded checkpointing keeps
-# about one layer's and sends the rest to host memory.
-ACTIVATIONS = {False: (1.05e9, 9.09, 0.0, 3.05), True: (1.0e8, 0.379, 14.2, 0.197)}
-# Per-block CUDA graphs keep each recorded shape's buffers in private pools. Without checkpointing those are the
-# activations a step keeps anyway, plus about one decoder block's worth; with it, the pools keep most of what
-# checkpointing would have freed, a share of every block's activations (bench/RESULTS.md, "Memory model").
-# Blocks' activations = layers x tokens x 9.09 x intermediate, the no-checkpointing term above.
-GRAPH_POOL_BLOCKS = {False: 1.0, True: 0.74}  # with checkpointing: a share of all layers, not a count of blocks
+# Without checkpointing every layer's activations stay: 17.9 bytes a unit in the job (4B at 9,216 tokens: 61.8 GiB,
+# run 41), twice the bare loop's 9.09 (the Trainer's step keeps more; not isolated, bench/RESULTS.md runs 40-42).
+# Unsloth's offloaded checkpointing keeps about one layer's and sends the rest to host memory (the job and the
+# probes agree there: 4B and 8B within 10%).
+ACTIVATIONS = {False: (1.05e9, 17.9, 0.0, 3.05), True: (1.0e8, 0.379, 14.2, 0.197)}
+# Per-block CUDA graphs keep each recorded shape's buffers in private pools, measured on the job's 0.6B runs (18,432
+# tokens): over checkpointed blocks 3.8 GiB, 0.143 of every layer's un-checkpointed activations (run 42); without
+# checkpointing 7.5 GiB, about 8 blocks' worth (run 40), and slower (44.7k against 50.3k tok/s), so the plan records
+# graphs only over checkpointed blocks. A block's activations = tokens x ACTIVATIONS[False]'s bytes a unit x intermediate.
+GRAPH_POOL_BLOCKS = {False: 8.0, True: 0.143}  # with checkpointing: a share of all layers, not a count of blocks
 HEADROOM = (0.85, 0.5)  # plan within 85% of the free memory less 0.5 GiB: allocator fragmentation, CUDA context
 # A micro-batch's time = a fixed host cost (Python, kernel launches, the Trainer's bookkeeping) + its tokens' FLOPs
 # at a share of the card's dense bf16 peak. The share is fitted on the probes (a bare training loop: 0.092 s of host
@@ -325,7 +328,7 @@ def fit_to_card(plan: BatchPlan, shape: ModelShape, row_tokens: int, free_gib: f
     """The batch plan made to fit the free memory: of the (rows a micro-batch, checkpointing, CUDA graphs) choices
     whose estimate fits, the one the time model says is fastest a step (fewer rows a micro-batch means more of them a
     step: the rows a step and the learning rate stay); nothing fits: the smallest. Graphs are a choice only where the
-    plan allows them and the step is host-bound. `checkpointing` and `cuda_graphs` None: chosen here; True or False:
+    plan allows them, the blocks are checkpointed and the step is host-bound. `checkpointing` and `cuda_graphs` None: chosen here; True or False:
     as set (the settings win). `row_tokens`: the longest row, padded."""
     budget = free_gib * HEADROOM[0] - HEADROOM[1]
     choices = [False, True] if checkpointing is None else [checkpointing]
@@ -338,10 +341,11 @@ def fit_to_card(plan: BatchPlan, shape: ModelShape, row_tokens: int, free_gib: f
     def step_seconds(rows: int, ckpt: bool, graphs: bool) -> float:
         return plan.per_device_batch_size // rows * estimated_step_seconds(shape, rows * row_tokens, ckpt, flops, graphs)
 
-    # Options: rows a micro-batch x checkpointing x graphs (only where allowed, the step is the host's and the pools fit)
+    # Options: rows a micro-batch x checkpointing x graphs (only where allowed, over checkpointed blocks, the step is the
+    # host's and the pools fit)
     graph_choices = [cuda_graphs] if cuda_graphs is not None else [False, True] if plan.cuda_graphs else [False]
     fitting = [(r, c, g) for r in rows_options for c in choices for g in graph_choices if peak(r, c, g) <= budget
-               and (not g or cuda_graphs or host_bound(shape, r * row_tokens, flops))]
+               and (not g or cuda_graphs or (c and host_bound(shape, r * row_tokens, flops)))]
     # Below the micro-batches the time model was fitted on its figures are guesses: those are a last resort.
     measured = [o for o in fitting if o[0] * row_tokens >= TIME_MODEL_MIN_TOKENS or o[0] == plan.per_device_batch_size]
     # Graphs must win by GRAPHS_MARGIN: their pools and recordings are the least measured part of the model.

@@ -144,8 +144,14 @@ def test_a_models_size_comes_from_its_config():
 
 @pytest.mark.parametrize(("shape", "checkpointing", "tokens", "peak", "step"), MEASURED)
 def test_the_memory_model_is_within_20_percent_of_each_measured_peak(shape, checkpointing, tokens, peak, step):
+    """With checkpointing the bare loop and the job keep the same (the job's runs below agree within 10%); without it
+    the job keeps about twice what the bare loop keeps (runs 40-41 below), and the model is the job's: above each
+    bare-loop peak, never below what training the micro-batch needs."""
     estimate = estimated_peak_gib(ModelShape.from_config(QWEN3[shape]), tokens, checkpointing)
-    assert abs(estimate / peak - 1) <= 0.20, (estimate, peak)
+    if checkpointing:
+        assert abs(estimate / peak - 1) <= 0.20, (estimate, peak)
+    else:
+        assert peak < estimate < 2 * peak, (estimate, peak)
 
 
 PROBE_HOST_SECONDS = 0.092  # the probes' bare loop: no Trainer, no data loader, no callbacks
@@ -165,13 +171,13 @@ def _fast_plan():
 
 
 @pytest.mark.parametrize(("shape", "gpu", "checkpointing", "graphs", "rows"), [
-    ("8b", "L4", True, False, 16), ("8b", "A10G", True, False, 16), ("8b", "H100", False, False, 16),
-    # 16 rows need checkpointing on a 48 GB card; 8 rows twice a step fit without it and take ~30% less time
-    # (the probes: 8B at 4-9k tokens without checkpointing ~1.6x the tokens a second of 16k with it)
-    ("8b", "L40S", False, False, 8),
-    ("4b", "L4", True, False, 16), ("4b", "H100", False, False, 16),
-    ("0.6b", "L4", False, False, 16),  # 16 rows a step on an L4 are the GPU's work: graphs would only cost memory
-    ("0.6b", "H100", False, True, 16), ("0.6b", "H200", False, True, 16),
+    ("8b", "L4", True, False, 16), ("8b", "A10G", True, False, 16), ("8b", "L40S", True, False, 16),
+    # 16 rows without checkpointing would need ~87 GiB; 8 rows twice a step fit an 80 GB card and skip the recomputation
+    ("8b", "H100", False, False, 8),
+    ("4b", "L4", True, False, 16), ("4b", "L40S", False, False, 8), ("4b", "H100", True, False, 16),
+    ("0.6b", "L4", True, False, 16),  # 16 rows a step on an L4 are the GPU's work: graphs would only cost memory
+    # host-bound: graphs over checkpointed blocks (run 42: 50.3k tok/s and 5.8 GiB; without checkpointing 44.7k and 43.6)
+    ("0.6b", "H100", True, True, 16), ("0.6b", "H200", True, True, 16),
 ])
 def test_the_fast_recipe_fits_the_card_it_runs_on(shape, gpu, checkpointing, graphs, rows):
     plan = _fast_plan()
@@ -201,9 +207,9 @@ def test_a_card_too_small_for_the_micro_batch_gets_fewer_rows_a_micro_batch_and_
 def test_the_fastest_fitting_choice_is_taken_and_its_time_recorded():
     """Of what fits, the time model's fastest a step; micro-batches below the timed sizes only when nothing else fits."""
     plan, shape = _fast_plan(), ModelShape.from_config(QWEN3["8b"])
-    fitted, fit = fit_to_card(plan, shape, 640, 44.4, GPUS["L40S"][1])
+    fitted, fit = fit_to_card(plan, shape, 640, 79.0, GPUS["H100"][1])
     assert (fitted.per_device_batch_size, fit.gradient_checkpointing) == (8, False)
-    assert fit.step_seconds < fit_to_card(plan, shape, 640, 44.4, GPUS["L40S"][1], checkpointing=True)[1].step_seconds
+    assert fit.step_seconds < fit_to_card(plan, shape, 640, 79.0, GPUS["H100"][1], checkpointing=True)[1].step_seconds
     # 2 rows of 640 without checkpointing fit in 22 GiB and the model calls them faster, but 1,280 tokens were never timed
     fitted, fit = fit_to_card(plan, shape, 640, 22.0, GPUS["L4"][1])
     assert (fitted.per_device_batch_size, fit.gradient_checkpointing) == (16, True)
@@ -212,14 +218,22 @@ def test_the_fastest_fitting_choice_is_taken_and_its_time_recorded():
     assert fit.card == "H100" and fit_to_card(plan, shape, 640, 22.0, GPUS["L4"][1], card_name="L4")[1].card == "L4"
 
 
-# Whole job runs (`bench/gpu_sizes.py matrix`, the learnable rows: 16 rows of at most 1,079 tokens a micro-batch):
-# (shape, checkpointing, graphs, micro-batch tokens, peak GiB, card, train seconds or None, micro-batches, tokens trained)
+# Whole job runs (`bench/gpu_sizes.py matrix`, the learnable rows: 16 rows of at most 1,079 tokens a micro-batch, padded
+# to 1,152): (shape, checkpointing, graphs, micro-batch tokens, peak GiB, card, train seconds or None, micro-batches,
+# tokens trained). The 12-step cells trained 192 rows, the longest first (the length-grouped sampler): ~169k tokens.
 RUNS = [
-    # run 38, H100: 3 epochs to exit 0. Planned without checkpointing, it ran with it (TRL's default, fixed since).
-    ("0.6b", True, True, 16 * 1152, 11.362, "H100", 150.6, 564, 3000 * 573.6 * 3),
-    # run 32, H200: 1 epoch, graphs and checkpointing (runs 30-32, before the length-grouped last batch was filled)
-    ("0.6b", True, True, 16 * 1152, 11.3, "H200", None, 188, 3000 * 573.6),
-    # run 34, H100 with 24 GiB free: 800 rows x 4 epochs, checkpointing, no graphs
+    # run 42, H100: 3 epochs to exit 0, Unsloth's checkpointing and graphs (the plan's choice for 0.6B on any card here)
+    ("0.6b", True, True, 16 * 1152, 5.848, "H100", 143.3, 564, 3000 * 573.6 * 3),
+    # run 40, H100: the plan's choice then, no checkpointing and graphs: 7.5x the memory and slower, so no longer
+    # chosen; its time is not the model's (177.9 s against 132.4 estimated)
+    ("0.6b", False, True, 16 * 1152, 43.581, "H100", None, 564, 3000 * 573.6 * 3),
+    # run 41, H100, 12 steps: 4B with 78 GiB free (8 rows twice a step, no checkpointing) and with 24 (16, checkpointing)
+    ("4b", False, False, 8 * 1152, 61.784, "H100", 31.9, 24, 169_000),
+    ("4b", True, False, 16 * 1152, 5.867, "H100", 41.8, 12, 169_000),
+    # run 42, H100, 12 steps: 8B, 16 rows with checkpointing (run 41's 8 rows without it ran out of memory at 78 GiB free:
+    # 79.2 GiB estimated now)
+    ("8b", True, False, 16 * 1152, 9.968, "H100", 54.6, 12, 169_000),
+    # run 34, H100 with 24 GiB free: 800 rows x 4 epochs to exit 0, checkpointing (TRL's on top of Unsloth's then)
     ("8b", True, False, 16 * 1088, 10.181, "H100", None, 200, 800 * 573.6 * 4),
 ]
 
