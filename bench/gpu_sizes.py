@@ -131,7 +131,7 @@ def length_label(settings: dict) -> str:
 def summary_entry(sizes: dict, date: str, runs: str) -> dict:
     """A matrix call's line in bench/summary.json: every cell as {model, free_gib, exit, steady_tok_s, peak_gib,
     seed_tok_s} (the seed recipe on that shape in the same call) plus the plan's estimates and choices."""
-    seed = {a["shape"]: round(a["steady_tokens_per_s"]) for a in sizes["anchor"] if a.get("steady_tokens_per_s")}
+    seed = {a["shape"]: a["tok_per_s_steady"] for a in sizes["anchor"] if a.get("tok_per_s_steady")}  # gpu_anchor.py's name
     cells = [{"model": c["model"], "free_gib": c["free_gib"], "exit": c.get("exit", c.get("skipped")),
               "steady_tok_s": c.get("steady_tok_s"), "peak_gib": c.get("peak_gib"), "seed_tok_s": seed.get(c["model"]),
               "job_seconds": c.get("job_seconds"), "first_step_at_s": c.get("first_step_at_s"), "stages": c.get("stages"),

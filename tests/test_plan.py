@@ -252,6 +252,23 @@ def test_the_models_are_within_bounds_of_whole_job_runs(shape, checkpointing, gr
         assert abs(fit.train_seconds(micro_batches, trained) / seconds - 1) <= 0.25, (fit.train_seconds(micro_batches, trained), seconds)
 
 
+# What the job chose and peaked at in runs 40-42 (H100, a balloon leaving the free memory): (shape, checkpointing,
+# graphs, rows a micro-batch) -> peak GiB.
+MEASURED_CHOICES = {("0.6b", True, True, 16): 5.848, ("4b", True, False, 16): 5.867, ("4b", False, False, 8): 61.784,
+                    ("8b", True, False, 16): 9.968}
+
+
+@pytest.mark.parametrize("free", [24, 48, 78])
+@pytest.mark.parametrize("shape", ["0.6b", "4b", "8b"])
+def test_every_cell_of_the_matrix_runs_a_choice_measured_to_fit(shape, free):
+    """Issue 30's matrix: at 24, 48 and 78 GiB free the plan picks, for the bench's rows, a configuration a job run
+    measured, and that peak fits the cell's budget (the balloon left ~0.45 GiB less than asked at 78)."""
+    fitted, fit = fit_to_card(_fast_plan(), ModelShape.from_config(QWEN3[shape]), 1152, free - 0.45, GPUS["H100"][1])
+    choice = (shape, fit.gradient_checkpointing, fit.cuda_graphs, fitted.per_device_batch_size)
+    assert choice in MEASURED_CHOICES, choice
+    assert MEASURED_CHOICES[choice] <= fit.budget_gib and fitted.rows_per_step == 16
+
+
 def test_graphs_go_on_only_where_the_step_is_the_hosts():
     small, large = ModelShape.from_config(QWEN3["0.6b"]), ModelShape.from_config(QWEN3["8b"])
     assert host_bound(small, 10240, GPUS["H100"][1]) and not host_bound(large, 10240, GPUS["H100"][1])
@@ -312,3 +329,26 @@ def test_the_readmes_measured_table_is_bench_summary_json():
     table = gpu_sizes.readme_table(json.loads((REPO / "bench" / "summary.json").read_text()))
     assert "| 8B |" in table and "GiB free" in table
     assert table in (REPO / "README.md").read_text()
+
+
+def test_a_matrix_calls_summary_line_carries_its_cells_and_the_seed_recipe_of_each_shape():
+    """gpu_sizes.summary_entry on runs 40-42's raw file: each cell's measured figures and the seed anchor of its shape
+    (gpu_anchor.py's tok_per_s_steady; an earlier version read a name the anchor never writes and lost them)."""
+    import lzma
+    import sys
+
+    from tests.conftest import REPO
+
+    sys.path.insert(0, str(REPO / "bench"))
+    try:
+        import gpu_sizes
+    finally:
+        sys.path.remove(str(REPO / "bench"))
+    with lzma.open(REPO / "bench" / "raw" / "sizes-2026-12-07-h100-runs40-42.json.xz", "rt") as f:
+        entry = gpu_sizes.summary_entry(json.load(f), "2026-12-07", "40-42")
+    assert entry["seed_tok_s_by_shape"] == {"0.6b": 3233, "4b": 2482, "8b": 2208}
+    cells = {(c["model"], c["free_gib"], c["gradient_checkpointing"]): c for c in entry["matrix"] if c.get("peak_gib")}
+    assert cells[("4b", 78.0, False)]["peak_gib"] == 61.784 and cells[("4b", 78.0, False)]["seed_tok_s"] == 2482
+    assert cells[("8b", 78.0, True)]["steady_tok_s"] / cells[("8b", 78.0, True)]["seed_tok_s"] > 4.5
+    oom = next(c for c in entry["matrix"] if c["model"] == "8b" and c["exit"] == 11)
+    assert oom["gradient_checkpointing"] is False, "run 41's 8B without checkpointing ran out of memory"
