@@ -80,8 +80,8 @@ class LoraSettings(Section):
     )
     gradient_checkpointing: Literal["auto", "unsloth", "true", "false"] = Field(
         "auto",
-        description="Gradient checkpointing: auto (seed recipe: unsloth; fast recipe: only when the card's free memory cannot "
-        "hold the micro-batch without it, job/plan.py), "
+        description="Gradient checkpointing: auto (seed recipe: unsloth; fast recipe: job/plan.py's fastest choice that fits "
+        "the card's free memory: on where the step is the host's, under CUDA graphs, or where the micro-batch needs it), "
         "unsloth (offloaded, unsloth engine), true, or false.",
     )
 
@@ -116,7 +116,8 @@ class TrainSettings(Section):
     cuda_graphs: bool | None = Field(
         None, description="Unsloth engine on CUDA: replay each decoder block's kernels as CUDA graphs (Unsloth's "
         "UNSLOTH_BLOCK_CUDAGRAPHS; the step is bound by launching kernels, not by the GPU), lengths padded to 128. "
-        "Unset: on for the fast recipe on one process without packing.")
+        "Unset: the fast recipe on one process without packing turns them on where the blocks are checkpointed and the "
+        "step is the host's (job/plan.py; without checkpointing they held 7.5x the memory and were slower).")
     compile_cache: bool = Field(
         True, description="On CUDA: load torch.compile's caches from <output_uri>/compile-cache/ before training and store "
         "them after, so the next run skips most of the first step's compile (job/compile_cache.py; the cache is code the "
