@@ -328,8 +328,8 @@ def fit_to_card(plan: BatchPlan, shape: ModelShape, row_tokens: int, free_gib: f
     """The batch plan made to fit the free memory: of the (rows a micro-batch, checkpointing, CUDA graphs) choices
     whose estimate fits, the one the time model says is fastest a step (fewer rows a micro-batch means more of them a
     step: the rows a step and the learning rate stay); nothing fits: the smallest. Graphs are a choice only where the
-    plan allows them, the blocks are checkpointed and the step is host-bound. `checkpointing` and `cuda_graphs` None: chosen here; True or False:
-    as set (the settings win). `row_tokens`: the longest row, padded."""
+    plan allows them, the blocks are checkpointed and the step is host-bound. `checkpointing` and `cuda_graphs` None:
+    chosen here; True or False: as set (the settings win). `row_tokens`: the longest row, padded."""
     budget = free_gib * HEADROOM[0] - HEADROOM[1]
     choices = [False, True] if checkpointing is None else [checkpointing]
     rows_options = [plan.per_device_batch_size] if per_device_fixed else [
