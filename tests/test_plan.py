@@ -314,18 +314,26 @@ def test_the_readmes_card_table_is_what_the_plan_chooses():
     assert "\n".join(rows) in (REPO / "README.md").read_text()
 
 
-def test_the_readmes_measured_table_is_bench_summary_json():
-    """README's measured card table is rendered from bench/summary.json's matrix entries: a new call's figures
-    change it, and a hand edit of either fails here."""
+def _gpu_sizes():
+    """bench/gpu_sizes.py, imported from the bench folder (its own imports are its siblings')."""
+    import importlib
     import sys
 
     from tests.conftest import REPO
 
     sys.path.insert(0, str(REPO / "bench"))
     try:
-        import gpu_sizes
+        return importlib.import_module("gpu_sizes")
     finally:
         sys.path.remove(str(REPO / "bench"))
+
+
+def test_the_readmes_measured_table_is_bench_summary_json():
+    """README's measured card table is rendered from bench/summary.json's matrix entries: a new call's figures
+    change it, and a hand edit of either fails here."""
+    from tests.conftest import REPO
+
+    gpu_sizes = _gpu_sizes()
     table = gpu_sizes.readme_table(json.loads((REPO / "bench" / "summary.json").read_text()))
     assert "| 8B |" in table and "GiB free" in table
     assert table in (REPO / "README.md").read_text()
@@ -335,15 +343,10 @@ def test_a_matrix_calls_summary_line_carries_its_cells_and_the_seed_recipe_of_ea
     """gpu_sizes.summary_entry on runs 40-42's raw file: each cell's measured figures and the seed anchor of its shape
     (gpu_anchor.py's tok_per_s_steady; an earlier version read a name the anchor never writes and lost them)."""
     import lzma
-    import sys
 
     from tests.conftest import REPO
 
-    sys.path.insert(0, str(REPO / "bench"))
-    try:
-        import gpu_sizes
-    finally:
-        sys.path.remove(str(REPO / "bench"))
+    gpu_sizes = _gpu_sizes()
     with lzma.open(REPO / "bench" / "raw" / "sizes-2026-12-07-h100-runs40-42.json.xz", "rt") as f:
         entry = gpu_sizes.summary_entry(json.load(f), "2026-12-07", "40-42")
     assert entry["seed_tok_s_by_shape"] == {"0.6b": 3233, "4b": 2482, "8b": 2208}
